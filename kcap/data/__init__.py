@@ -1,0 +1,1 @@
+"""Synthetic knowledge data: pools, tokenizer, bioS, bioD, exposure streams, QA pairs."""
