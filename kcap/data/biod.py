@@ -144,6 +144,24 @@ class BioD:
         """Token ids of the biographies of ``persons`` at ``exposures``; see bios.BioS.render."""
         persons, exposures = check_people(persons, exposures, self.n_people)
         c, B = self.config, len(persons)
+        index, lengths, slot_lengths = self._table.gather(self._entries(persons, exposures))
+        tokens = self._table.tokens[index]
+        if not labels:
+            return Rendered(tokens, lengths)
+        slot_chunk = np.full((B, c.k, 4 + 2 * c.c), -1, np.int16)
+        slot_chunk[:, :, 4::2] = np.arange(c.c, dtype=np.int16)
+        slot_chunk = np.concatenate([slot_chunk.reshape(B, -1), np.full((B, 1), -1, np.int16)], 1)
+        chunk = np.repeat(slot_chunk.reshape(-1), slot_lengths)
+        return Rendered(tokens, lengths, TokenLabels(self._table.fields[index], chunk,
+                                                     np.repeat(persons, lengths)))
+
+    def lengths(self, persons, exposures) -> np.ndarray:
+        """Token count (B,) of each biography, without rendering it."""
+        persons, exposures = check_people(persons, exposures, self.n_people)
+        return self._table.lengths[self._entries(persons, exposures)].sum(axis=1)
+
+    def _entries(self, persons, exposures) -> np.ndarray:
+        c, B = self.config, len(persons)
         prof = self.profiles(persons)
         order = self._order(persons, exposures)  # (B, K)
         width = 4 + 2 * c.c
@@ -156,34 +174,17 @@ class BioD:
         ent[:, :, 4::2] = self._chunk_base[order][:, :, None] + chosen
         ent[:, :, 5::2] = self._comma
         ent[:, :, -1] = self._period
-        entries = np.concatenate([ent.reshape(B, -1), np.full((B, 1), self._eos)], axis=1)
-        index, lengths, slot_lengths = self._table.gather(entries)
-        tokens = self._table.tokens[index]
-        if not labels:
-            return Rendered(tokens, lengths)
-        slot_chunk = np.full((B, c.k, width), -1, np.int16)
-        slot_chunk[:, :, 4::2] = np.arange(c.c, dtype=np.int16)
-        slot_chunk = np.concatenate([slot_chunk.reshape(B, -1), np.full((B, 1), -1, np.int16)], 1)
-        chunk = np.repeat(slot_chunk.reshape(-1), slot_lengths)
-        return Rendered(tokens, lengths, TokenLabels(self._table.fields[index], chunk,
-                                                     np.repeat(persons, lengths)))
+        return np.concatenate([ent.reshape(B, -1), np.full((B, 1), self._eos)], axis=1)
 
     def used_token_ids(self) -> np.ndarray:
         """Sorted ids the data can emit: template pieces, EOS, the N people's name parts and
         the symbols of the K*D chunks."""
         prof = self.profiles(np.arange(self.n_people))
-        t = self._table
-        rows = [t.tokens[t.fields == TEXT], [EOS_ID], self.tokenizer.symbol_ids(np.unique(self.chunks))]
+        entries = [self._intro, [self._comma, self._period, self._eos]]
         for i, part in enumerate(("first", "middle", "last")):
-            entries = np.unique(prof[part]) + self._name_base[i]
-            rows.append(t.tokens[t.offsets[entries]])
-        ids = np.concatenate([np.asarray(r, np.int64) for r in rows])
-        # TEXT rows include the repeated-name tables: keep only names of these people.
-        name_rows = np.concatenate([t.tokens[t.offsets[self._name_base[3 + i]] +
-                                             np.arange(len(p))]
-                                    for i, p in enumerate((self.pools.first_names,
-                                                           self.pools.middle_names,
-                                                           self.pools.last_names))])
-        keep = ~np.isin(ids, name_rows) | np.isin(ids, np.concatenate(rows[3:]))
-        spaced_first = t.tokens[t.offsets[self._name_base[3] + np.unique(prof["first"])]]
-        return np.unique(np.concatenate([ids[keep], spaced_first]).astype(np.int64))
+            entries.append(self._name_base[i] + np.unique(prof[part]))
+            if self.config.k > 1:  # later sentences repeat the name, spaced
+                entries.append(self._name_base[3 + i] + np.unique(prof[part]))
+        ids = [self._table.entry_tokens(np.concatenate(entries)),
+               self.tokenizer.symbol_ids(np.unique(self.chunks))]
+        return np.unique(np.concatenate(ids))

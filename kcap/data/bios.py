@@ -171,6 +171,43 @@ class BioS:
         tokens (n,) int32, lengths (B,) and, if ``labels``, the label stream.
         """
         persons, exposures = check_people(persons, exposures, self.n_people)
+        t = self._tables
+        index, lengths, _ = t.table.gather(self._entries(persons, exposures))
+        tokens = t.table.tokens[index]
+        if not labels:
+            return Rendered(tokens, lengths)
+        field = t.table.fields[index]
+        pronouns = np.flatnonzero(field == PRONOUN)
+        if pronouns.size:  # the first pronoun of a biography expresses the gender
+            bio = np.searchsorted(np.cumsum(lengths), pronouns, side="right")
+            first = np.ones(len(pronouns), bool)
+            first[1:] = bio[1:] != bio[:-1]
+            field[pronouns] = TEXT
+            field[pronouns[first]] = VALUE + GENDER
+        chunk = np.where(field >= VALUE, 0, -1).astype(np.int16)
+        return Rendered(tokens, lengths, TokenLabels(field, chunk, np.repeat(persons, lengths)))
+
+    def lengths(self, persons, exposures) -> np.ndarray:
+        """Token count (B,) of each biography, without rendering it."""
+        persons, exposures = check_people(persons, exposures, self.n_people)
+        return self._tables.table.lengths[self._entries(persons, exposures)].sum(axis=1)
+
+    def max_length(self) -> int:
+        """An upper bound on the tokens of one biography (marker and EOS included)."""
+        t = self._tables
+        block_max = np.zeros(t.col.max() + 1, np.int64)
+        block_max[_COL_FIRST:_COL_VALUE] = 1  # every name part is one token
+        sizes = [N_BIRTH_DATES] + [len(p) for p in (self.pools.birth_cities, self.pools.universities,
+                                                      self.pools.majors, self.pools.employers,
+                                                      self.pools.employer_cities)]
+        for a, (b, size) in enumerate(zip(t.value_base, sizes)):
+            block_max[_COL_VALUE + a] = t.table.lengths[b:b + size].max()
+        slot_max = np.where(t.col == 0, t.table.lengths[t.base], block_max[t.col])
+        per_sentence = slot_max.sum(axis=-1).reshape(len(ATTRIBUTES), -1).max(axis=1)
+        return int(per_sentence.sum()) + 1 + int(self.config.marker)
+
+    def _entries(self, persons, exposures) -> np.ndarray:
+        """(B, slots) entry ids of the biographies (checked inputs)."""
         B = len(persons)
         t = self._tables
         prof = self.profiles(persons)
@@ -188,20 +225,7 @@ class BioS:
         parts = [body.reshape(B, -1), np.full((B, 1), t.eos, np.int64)]
         if self.config.marker:
             parts.insert(0, np.full((B, 1), t.marker, np.int64))
-        index, lengths, _ = t.table.gather(np.concatenate(parts, axis=1))
-        tokens = t.table.tokens[index]
-        if not labels:
-            return Rendered(tokens, lengths)
-        field = t.table.fields[index]
-        pronouns = np.flatnonzero(field == PRONOUN)
-        if pronouns.size:  # the first pronoun of a biography expresses the gender
-            bio = np.searchsorted(np.cumsum(lengths), pronouns, side="right")
-            first = np.ones(len(pronouns), bool)
-            first[1:] = bio[1:] != bio[:-1]
-            field[pronouns] = TEXT
-            field[pronouns[first]] = VALUE + GENDER
-        chunk = np.where(field >= VALUE, 0, -1).astype(np.int16)
-        return Rendered(tokens, lengths, TokenLabels(field, chunk, np.repeat(persons, lengths)))
+        return np.concatenate(parts, axis=1)
 
     def used_token_ids(self) -> np.ndarray:
         """Sorted ids this data set can emit: every template piece of its variant, EOS (and
@@ -216,9 +240,7 @@ class BioS:
             entries += [t.name_base[3 + i] + np.unique(prof[k])
                         for i, k in enumerate(("first", "middle", "last"))]
         entries += [t.value_base[a] + np.unique(prof[attr]) for a, attr in enumerate(ATTRIBUTES)]
-        ids = [t.table.tokens[t.table.offsets[e]:t.table.offsets[e] + t.table.lengths[e]]
-               for e in np.unique(np.concatenate([np.asarray(x, np.int64) for x in entries]))]
-        return np.unique(np.concatenate(ids)).astype(np.int64)
+        return t.table.entry_tokens(np.concatenate([np.asarray(x, np.int64) for x in entries]))
 
 
 @dataclass

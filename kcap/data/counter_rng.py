@@ -53,11 +53,12 @@ def uniform_int(key: int, n, *indices) -> np.ndarray:
     return (hash64(key, *indices) % np.asarray(n, dtype=np.uint64)).astype(np.int64)
 
 
-def permute(key: int, n: int, x) -> np.ndarray:
+def permute(key: int, n: int, x, *subkeys) -> np.ndarray:
     """Image of ``x`` (ints in [0, n)) under a keyed pseudo-random permutation of [0, n).
 
     Distinct inputs give distinct outputs, so ``permute(k, N0, arange(N))`` is a draw of N
-    items out of N0 without replacement.
+    items out of N0 without replacement. ``subkeys`` (index arrays broadcast with x) select
+    one permutation per element: ``permute(k, N, i, epoch)`` orders every epoch afresh.
     """
     if n < 1:
         raise ValueError(f"permute: n must be >= 1, got {n}")
@@ -66,23 +67,26 @@ def permute(key: int, n: int, x) -> np.ndarray:
         return np.zeros_like(x)
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)
-    round_keys = [np.uint64(int(hash64(key, r)[()])) for r in range(_FEISTEL_ROUNDS)]
+    round_keys = [hash64(key, *subkeys, r) for r in range(_FEISTEL_ROUNDS)]
     shift = np.uint64(half)
 
-    def encrypt(v: np.ndarray) -> np.ndarray:
+    shape = np.broadcast_shapes(x.shape, *(k.shape for k in round_keys))
+    round_keys = [np.broadcast_to(k, shape).reshape(-1) for k in round_keys]
+
+    def encrypt(v: np.ndarray, rows) -> np.ndarray:
         left, right = v >> shift, v & mask
         with np.errstate(over="ignore"):
             for rk in round_keys:
-                left, right = right, left ^ (_mix(right ^ rk) & mask)
+                left, right = right, left ^ (_mix(right ^ rk[rows]) & mask)
         return (left << shift) | right
 
-    y = encrypt(x.astype(np.uint64))
+    y = encrypt(np.broadcast_to(x, shape).reshape(-1).astype(np.uint64), slice(None))
     limit = np.uint64(n)
     out_of_range = np.flatnonzero(y >= limit)
     while out_of_range.size:  # cycle walking: at most ~4 rounds expected (domain < 4n)
-        y[out_of_range] = encrypt(y[out_of_range])
+        y[out_of_range] = encrypt(y[out_of_range], out_of_range)
         out_of_range = out_of_range[y[out_of_range] >= limit]
-    return y.astype(np.int64)
+    return y.astype(np.int64).reshape(shape)
 
 
 def random_order(key: int, *indices, width: int) -> np.ndarray:

@@ -55,6 +55,12 @@ class TokenTable:
         self.fields = np.array([f for t in self._fields for f in t], dtype=np.int16)
         return self
 
+    def entry_tokens(self, entries) -> np.ndarray:
+        """Sorted distinct token ids appearing in the given entries."""
+        entries = np.unique(np.asarray(entries, dtype=np.int64))
+        index, _, _ = self.gather(entries[None, :])
+        return np.unique(self.tokens[index]).astype(np.int64)
+
     def gather(self, entries: np.ndarray):
         """Render rows of entry ids.
 

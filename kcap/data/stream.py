@@ -1,0 +1,236 @@
+"""Exposure streams: biographies packed into fixed windows, generated on the fly.
+
+The bio sequence of a stream is epochs of the people: position p is person
+``permute(N)[p mod N]`` of epoch ``p // N`` (a fresh order per epoch) at exposure
+``p // N``, so every person gets its e-th exposure in epoch e. Biographies (each ending in
+EOS) are concatenated and cut into windows of ``window`` tokens, with no per-document mask:
+a biography may straddle two windows, as in the paper.
+
+Data parallelism: rank r of W takes bio positions r, r + W, r + 2W, ... (W = 1 is the plain
+stream). Resuming: a stream's whole position is (cursor, offset), the next token being
+token ``offset`` of the rank's bio ``cursor``; ``state_dict`` saves it with a fingerprint of
+the stream's configuration, ``load_state_dict`` restores it (refusing a different
+configuration), and ``seek`` moves to any window index by summing biography lengths.
+
+``MixtureStream`` interleaves windows of a useful and a junk stream at an exact token ratio:
+every block of u + j windows holds u useful ones at positions drawn by a keyed hash.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kcap.data import counter_rng as rng
+from kcap.data.arguments import check_int
+from kcap.data.labels import TokenLabels
+from kcap.data.tokenizer import PAD_ID
+
+_MIN_RENDER = 256  # biographies rendered per refill, at least
+
+
+@dataclass
+class Windows:
+    """``tokens`` (n, window) int32; ``labels`` a TokenLabels of shape (n, window) or None.
+    Padding (only after the last biography of a finite stream) is PAD_ID, labelled SPECIAL."""
+    tokens: np.ndarray
+    labels: TokenLabels | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class ExposureStream:
+    """Windows of ``dataset`` biographies for ``exposures`` exposures per person.
+
+    dataset: a BioS or BioD. exposures: int >= 1, or None for an endless stream (junk).
+    """
+
+    def __init__(self, dataset, exposures: int | None, window: int = 512, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, labels: bool = False):
+        check_int("window", window, 2)
+        check_int("seed", seed, 0)
+        check_int("world_size", world_size, 1)
+        check_int("rank", rank, 0, world_size - 1)
+        if exposures is not None:
+            check_int("exposures", exposures, 1)
+        longest = dataset.max_length()
+        if longest > window:
+            raise ValueError(f"window ({window}) is shorter than a biography of this data set "
+                             f"({longest} tokens); use window >= {longest}")
+        self.dataset, self.exposures, self.window = dataset, exposures, window
+        self.rank, self.world_size, self.with_labels = rank, world_size, labels
+        self._key = rng.stream_key(seed, "stream/order")
+        n = dataset.n_people
+        total = None if exposures is None else n * exposures
+        # Bio positions of this rank: rank, rank + W, ... below total.
+        self.total_bios = None if total is None else max(0, (total - rank + world_size - 1)
+                                                         // world_size)
+        self.fingerprint = dict(kind=dataset.kind, data=repr(dataset.config), exposures=exposures,
+                                window=window, seed=seed, rank=rank, world_size=world_size)
+        self.cursor, self.offset = 0, 0
+        self._clear_buffer()
+
+    # --- positions ------------------------------------------------------------------------
+    def bios(self, local) -> tuple[np.ndarray, np.ndarray]:
+        """(persons, exposures) of this rank's biographies at local indices ``local``."""
+        pos = self.rank + self.world_size * np.asarray(local, dtype=np.int64)
+        epoch, i = np.divmod(pos, self.dataset.n_people)
+        return rng.permute(self._key, self.dataset.n_people, i, epoch), epoch
+
+    @property
+    def exposures_done(self) -> float:
+        """Exposures per person consumed so far by this rank (fractional)."""
+        return (self.rank + self.world_size * self.cursor) / self.dataset.n_people
+
+    @property
+    def exhausted(self) -> bool:
+        return self.total_bios is not None and self.cursor >= self.total_bios
+
+    # --- reading ----------------------------------------------------------------------------
+    def _clear_buffer(self):
+        self._tokens = np.empty(0, np.int32)
+        self._labels = TokenLabels.padding(0) if self.with_labels else None
+        self._lengths = np.empty(0, np.int64)  # full lengths of the buffered bios
+        self._end = self.cursor  # local index after the last buffered bio
+        self._skip = self.offset  # tokens of the first rendered bio to drop
+
+    def _refill(self, need: int):
+        while len(self._tokens) < need and (self.total_bios is None or self._end < self.total_bios):
+            mean = 60 if not len(self._lengths) else max(1, int(self._lengths.mean()))
+            count = max(_MIN_RENDER, int((need - len(self._tokens)) / mean * 1.1) + 1)
+            if self.total_bios is not None:
+                count = min(count, self.total_bios - self._end)
+            persons, exposures = self.bios(np.arange(self._end, self._end + count))
+            r = self.dataset.render(persons, exposures, labels=self.with_labels)
+            skip, self._skip = self._skip, 0
+            self._tokens = np.concatenate([self._tokens, r.tokens[skip:]])
+            if self.with_labels:
+                self._labels = TokenLabels.concatenate([self._labels, r.labels[skip:]])
+            self._lengths = np.concatenate([self._lengths, r.lengths])
+            self._end += count
+
+    def next_windows(self, count: int) -> Windows:
+        """The next ``count`` windows (fewer only at the end of a finite stream; the last
+        one is then padded). Returns an empty Windows once the stream is exhausted."""
+        check_int("count", count, 1)
+        need = count * self.window
+        self._refill(need)
+        take = min(need, len(self._tokens))
+        tokens, self._tokens = self._tokens[:take], self._tokens[take:]
+        labels = None
+        if self.with_labels:
+            labels, self._labels = self._labels[:take], self._labels[take:]
+        # Advance (cursor, offset) past `take` tokens.
+        done = np.cumsum(self._lengths)
+        consumed = self.offset + take
+        whole = int(np.searchsorted(done, consumed, side="right"))
+        self.offset = consumed - (int(done[whole - 1]) if whole else 0)
+        self.cursor += whole
+        self._lengths = self._lengths[whole:]
+        pad = -take % self.window
+        if pad:
+            tokens = np.concatenate([tokens, np.full(pad, PAD_ID, np.int32)])
+            if labels is not None:
+                labels = TokenLabels.concatenate([labels, TokenLabels.padding(pad)])
+        n = len(tokens) // self.window
+        return Windows(tokens.reshape(n, self.window),
+                       None if labels is None else labels.reshape(n, self.window))
+
+    # --- resuming ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cursor": int(self.cursor), "offset": int(self.offset),
+                "fingerprint": dict(self.fingerprint)}
+
+    def load_state_dict(self, state: dict):
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError("stream state belongs to a different stream configuration: "
+                             f"saved {state.get('fingerprint')}, this one {self.fingerprint}")
+        self.cursor, self.offset = int(state["cursor"]), int(state["offset"])
+        self._clear_buffer()
+
+    def seek(self, window_index: int, chunk: int = 1 << 16):
+        """Move to the start of window ``window_index`` (counted from the stream's start)
+        without rendering: biography lengths are summed chunk by chunk."""
+        target = check_int("window_index", window_index, 0) * self.window
+        cursor, before = 0, 0
+        while True:
+            stop = cursor + chunk if self.total_bios is None else min(cursor + chunk,
+                                                                       self.total_bios)
+            if stop <= cursor:
+                break
+            lengths = self.dataset.lengths(*self.bios(np.arange(cursor, stop)))
+            ends = before + np.cumsum(lengths)
+            if ends[-1] > target:
+                whole = int(np.searchsorted(ends, target, side="right"))
+                self.cursor = cursor + whole
+                self.offset = target - (int(ends[whole - 1]) if whole else before)
+                self._clear_buffer()
+                return
+            cursor, before = stop, int(ends[-1])
+        self.cursor, self.offset = cursor, 0  # past the end: exhausted
+        self._clear_buffer()
+
+
+class MixtureStream:
+    """Useful and junk windows at an exact ratio ``useful:junk`` (default 1:7).
+
+    Ends when the useful stream ends (the junk stream should be endless, exposures=None).
+    """
+
+    def __init__(self, useful: ExposureStream, junk: ExposureStream, ratio=(1, 7), seed: int = 0):
+        if useful.window != junk.window or useful.with_labels != junk.with_labels:
+            raise ValueError("useful and junk streams need the same window and labels setting")
+        if len(ratio) != 2:
+            raise ValueError(f"ratio must be (useful, junk), got {ratio!r}")
+        self.u = check_int("ratio[0] (useful)", ratio[0], 1)
+        self.j = check_int("ratio[1] (junk)", ratio[1], 0)
+        self.useful, self.junk, self.window = useful, junk, useful.window
+        self._key = rng.stream_key(seed, "stream/mixture")
+        self.window_index = 0
+        self.fingerprint = dict(ratio=(self.u, self.j), seed=seed)
+
+    def is_useful(self, window_indices) -> np.ndarray:
+        """Whether each global window index is a useful window (bool array)."""
+        block, pos = np.divmod(np.asarray(window_indices, np.int64), self.u + self.j)
+        # The rank of each position inside its block's random order decides.
+        order = rng.random_order(self._key, block, width=self.u + self.j)
+        ranks = np.argsort(order, axis=1)
+        return np.take_along_axis(ranks, pos[:, None], axis=1)[:, 0] < self.u
+
+    def next_windows(self, count: int) -> Windows:
+        check_int("count", count, 1)
+        useful_mask = self.is_useful(self.window_index + np.arange(count))
+        n_useful = int(useful_mask.sum())
+        good = self.useful.next_windows(n_useful) if n_useful else Windows(
+            np.empty((0, self.window), np.int32))
+        if len(good) < n_useful:  # the useful stream ended: stop at its last window
+            last = int(np.flatnonzero(useful_mask)[len(good) - 1]) + 1 if len(good) else 0
+            useful_mask = useful_mask[:last]
+        n_junk = int((~useful_mask).sum())
+        bad = self.junk.next_windows(n_junk) if n_junk else Windows(
+            np.empty((0, self.window), np.int32))
+        tokens = np.empty((len(useful_mask), self.window), np.int32)
+        tokens[useful_mask], tokens[~useful_mask] = good.tokens, bad.tokens
+        labels = None
+        if self.useful.with_labels:
+            labels = TokenLabels.padding(tokens.size).reshape(*tokens.shape)
+            for arr, g, b in ((labels.field, good.labels.field, bad.labels.field if n_junk else None),
+                              (labels.chunk, good.labels.chunk, bad.labels.chunk if n_junk else None),
+                              (labels.person, good.labels.person, bad.labels.person if n_junk else None)):
+                arr[useful_mask] = g
+                if n_junk:
+                    arr[~useful_mask] = b
+        self.window_index += len(useful_mask)
+        return Windows(tokens, labels)
+
+    def state_dict(self) -> dict:
+        return {"window_index": self.window_index, "useful": self.useful.state_dict(),
+                "junk": self.junk.state_dict(), "fingerprint": dict(self.fingerprint)}
+
+    def load_state_dict(self, state: dict):
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"mixture state belongs to a different mixture: {state.get('fingerprint')}")
+        self.useful.load_state_dict(state["useful"])
+        self.junk.load_state_dict(state["junk"])
+        self.window_index = int(state["window_index"])
