@@ -31,10 +31,14 @@ _MIN_RENDER = 256  # biographies rendered per refill, at least
 
 @dataclass
 class Windows:
-    """``tokens`` (n, window) int32; ``labels`` a TokenLabels of shape (n, window) or None.
-    Padding (only after the last biography of a finite stream) is PAD_ID, labelled SPECIAL."""
+    """``tokens`` (n, window) int32; ``labels`` a TokenLabels of shape (n, window) or None;
+    ``useful`` (n,) bool for mixtures (which windows are useful data), else None.
+    Padding (only after the last biography of a finite stream) is PAD_ID, labelled SPECIAL.
+    In a mixture, ``labels.person`` indexes the useful or the junk data set, as ``useful``
+    says."""
     tokens: np.ndarray
     labels: TokenLabels | None = None
+    useful: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -222,7 +226,7 @@ class MixtureStream:
                 if n_junk:
                     arr[~useful_mask] = b
         self.window_index += len(useful_mask)
-        return Windows(tokens, labels)
+        return Windows(tokens, labels, useful_mask)
 
     def state_dict(self) -> dict:
         return {"window_index": self.window_index, "useful": self.useful.state_dict(),

@@ -1,0 +1,1 @@
+"""kcap benchmarks: ``python -m bench <subject>``; results land in bench/results/."""

@@ -1,0 +1,12 @@
+"""python -m bench <subject> [--quick]"""
+import argparse
+
+SUBJECTS = ("data",)
+
+parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+parser.add_argument("subject", choices=SUBJECTS)
+parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+args = parser.parse_args()
+if args.subject == "data":
+    from bench import data
+    data.run(quick=args.quick)

@@ -1,0 +1,97 @@
+"""Shared benchmark harness: timing, environment record, result files.
+
+Every result file names the device, library versions, date, git commit and command, and
+holds ratios against a baseline measured in the same run, never absolute claims carried
+over from another machine. Timings here are wall clock on CPU; the kernel benchmarks add
+CUDA timing (triton.testing.do_bench) when a GPU is present.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kcap.atomic import write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Where and with what a result was measured."""
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.executable).name, "-m", "bench"] + sys.argv[1:]),
+           "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["git_commit"] = None
+    for module in ("numpy", "torch", "triton"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = None
+    env["device"] = env["cpu"]
+    try:
+        import torch
+        if torch.cuda.is_available():
+            env["device"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return env
+
+
+def time_wall(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
+    """A table of the rows with each one's ratio against the baseline provider."""
+    base = {r["case"]: r["throughput"] for r in rows if r["provider"] == baseline}
+    lines = [f"# {subject}", "", f"- device: {env['device']} ({env['cpu_count']} CPUs)",
+             f"- versions: python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
+             f"triton {env['triton']}", f"- date: {env['date']}, commit {env['git_commit']}",
+             f"- command: `{env['command']}`", "",
+             f"| case | provider | median s | throughput | vs {baseline} |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["throughput"] / base[r["case"]] if r["case"] in base else float("nan")
+        lines.append(f"| {r['case']} | {r['provider']} | {r['median_s']:.4f} | "
+                     f"{r['throughput']:,.0f} {r['unit']} | {ratio:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def save(subject: str, rows: list[dict], baseline: str, env: dict | None = None) -> Path:
+    """Write bench/results/<subject>-<device>-<date>.json and .md; return the json path."""
+    env = env or environment()
+    kind = "gpu" if env["device"] != env["cpu"] else "cpu"
+    stem = RESULTS / f"{subject}-{kind}-{env['date'][:10]}"
+    write_json(stem.with_suffix(".json"), {"subject": subject, "environment": env,
+                                           "baseline": baseline, "rows": rows})
+    text = markdown(subject, env, rows, baseline)
+    write_text(stem.with_suffix(".md"), text)
+    print(text)
+    return stem.with_suffix(".json")

@@ -1,0 +1,5 @@
+import sys
+
+from kcap.cli import main
+
+sys.exit(main())
