@@ -19,9 +19,9 @@ import numpy as np
 
 from kcap.data import counter_rng as rng
 from kcap.data.arguments import check_int, check_people
-from kcap.data.labels import NAME, SPECIAL, TEXT, VALUE, Attribute, TokenLabels
+from kcap.data.labels import SPECIAL, TEXT, VALUE, Attribute, TokenLabels
 from kcap.data.pools import N_FULL_NAMES, load_pools, split_name_id
-from kcap.data.token_table import Rendered, TokenTable
+from kcap.data.token_table import Rendered, TokenTable, add_name_rows
 from kcap.data.tokenizer import EOS_ID, Tokenizer, default_tokenizer
 
 MAX_K = 99  # attribute numbers are single tokens " 1" .. " 99"
@@ -96,11 +96,7 @@ class BioD:
         c, tok, pools = self.config, self.tokenizer, self.pools
         table = TokenTable()
         pid = tok.piece_id
-        self._name_base = [table.add_block([[pid(n)] for n in pools.first_names], NAME)]
-        for pool in (pools.middle_names, pools.last_names):
-            self._name_base.append(table.add_block([[pid(" " + n)] for n in pool], NAME))
-        for pool in (pools.first_names, pools.middle_names, pools.last_names):
-            self._name_base.append(table.add_block([[pid(" " + n)] for n in pool], TEXT))
+        self._name_base = add_name_rows(table, tok, pools)
         intro = [tok.encode_known(f"'s ID {a + 1} is ") for a in range(c.k)]
         self._intro = np.array([table.add(ids, [TEXT] * len(ids)) for ids in intro])
         self._chunk_base = np.array([table.add_block(tok.symbol_ids(self.chunks[a]), VALUE + a)

@@ -26,11 +26,11 @@ import numpy as np
 
 from kcap.data import counter_rng as rng
 from kcap.data.arguments import check_int, check_people
-from kcap.data.labels import NAME, PRONOUN, SPECIAL, TEXT, VALUE, Attribute, TokenLabels
+from kcap.data.labels import PRONOUN, SPECIAL, TEXT, VALUE, Attribute, TokenLabels
 from kcap.data.pools import (DAYS, FIRST_YEAR, MONTHS, N_BIRTH_DATES, N_FULL_NAMES, YEARS,
                              birth_date_text, load_pools, split_name_id)
 from kcap.data.templates import ATTRIBUTES, load_templates
-from kcap.data.token_table import Rendered, TokenTable
+from kcap.data.token_table import Rendered, TokenTable, add_name_rows
 from kcap.data.tokenizer import EOS_ID, USEFUL_ID, default_tokenizer
 
 GENDER = len(ATTRIBUTES)  # attribute index of the pronoun's gender, after the six
@@ -261,11 +261,7 @@ def _compiled_tables(fullname: bool) -> _Tables:
     tok, pools, templates = default_tokenizer(), load_pools(), load_templates()
     table = TokenTable()
     pid = tok.piece_id
-    name_base = [table.add_block([[pid(n)] for n in pools.first_names], NAME)]
-    for pool in (pools.middle_names, pools.last_names):
-        name_base.append(table.add_block([[pid(" " + n)] for n in pool], NAME))
-    for pool in (pools.first_names, pools.middle_names, pools.last_names):
-        name_base.append(table.add_block([[pid(" " + n)] for n in pool], TEXT))
+    name_base = add_name_rows(table, tok, pools)
     # Birth dates compose " Month", " D", ",", " YYYY" in the order of birth_date_text.
     month, day, year = np.meshgrid([pid(" " + m) for m in MONTHS],
                                    [pid(f" {d + 1}") for d in range(DAYS)],
@@ -282,40 +278,10 @@ def _compiled_tables(fullname: bool) -> _Tables:
         for t, template in enumerate(templates[attr]):
             for form in (0, 1):
                 for gender in (0, 1):
-                    slots, ids, fields = [], [], []
-
-                    def flush():
-                        if ids:
-                            slots.append((table.add(ids, fields), 0))
-                            text_entries.append(slots[-1][0])
-                            ids.clear(), fields.clear()
-
-                    def text(s, field=TEXT):
-                        new = tok.encode_known(s)
-                        ids.extend(new), fields.extend([field] * len(new))
-
-                    # A placeholder owns the space before it (a space starts a token); the
-                    # first one of a later sentence owns the space joining it to the last.
-                    parts = _SPLIT_RE.split(template)
-                    for k in range(1, len(parts), 2):
-                        literal, slot = parts[k - 1], parts[k][1:-1]
-                        spaced = literal.endswith(" ") or (k == 1 and form == 1)
-                        text(literal[:-1] if literal.endswith(" ") else literal)
-                        if slot == "value":
-                            flush()
-                            slots.append((value_base[a], _COL_VALUE + a))
-                        elif (slot in ("subj", "poss") and form == 0 and k == 1) or fullname:
-                            flush()
-                            rows = name_base[3:] if spaced else name_base[:3]
-                            slots += [(b, c) for b, c in zip(rows, (1, 2, 3))]
-                            if slot in ("poss", "his"):
-                                text("'s")
-                        else:
-                            word = _PRONOUNS[slot][gender]
-                            text(" " + word if spaced else word, PRONOUN)
-                    text(parts[-1])
-                    flush()
+                    slots = _compile_template(template, table, tok, form, gender, fullname,
+                                              name_base, (value_base[a], _COL_VALUE + a))
                     slot_lists[a, t, form, gender] = slots
+                    text_entries += [b for b, c in slots if c == 0]
     width = max(len(s) for s in slot_lists.values())
     n_templates = max(len(ts) for ts in templates.values())
     base = np.zeros((len(ATTRIBUTES), n_templates, 2, 2, width), np.int64)
@@ -325,3 +291,45 @@ def _compiled_tables(fullname: bool) -> _Tables:
             base[key + (s,)], col[key + (s,)] = b, c
     eos, marker = table.add([EOS_ID], [SPECIAL]), table.add([USEFUL_ID], [SPECIAL])
     return _Tables(table.freeze(), base, col, name_base, value_base, text_entries, eos, marker)
+
+
+def _compile_template(template, table, tok, form, gender, fullname, name_base, value_slot):
+    """Slot list [(entry base, fill column)] of one template in one form and gender.
+
+    form 0: the first sentence (the subject is the bare full name, labelled NAME);
+    form 1: a later sentence (pronouns, or the spaced full name labelled TEXT if fullname).
+    Literal text between placeholders becomes table entries (column 0).
+    """
+    slots, ids, fields = [], [], []
+
+    def flush():
+        if ids:
+            slots.append((table.add(ids, fields), 0))
+            ids.clear(), fields.clear()
+
+    def text(s, field=TEXT):
+        new = tok.encode_known(s)
+        ids.extend(new), fields.extend([field] * len(new))
+
+    # A placeholder owns the space before it (a space starts a token); the first one of a
+    # later sentence owns the space joining it to the sentence before.
+    parts = _SPLIT_RE.split(template)
+    for k in range(1, len(parts), 2):
+        literal, slot = parts[k - 1], parts[k][1:-1]
+        spaced = literal.endswith(" ") or (k == 1 and form == 1)
+        text(literal[:-1] if literal.endswith(" ") else literal)
+        if slot == "value":
+            flush()
+            slots.append(value_slot)
+        elif (slot in ("subj", "poss") and form == 0 and k == 1) or fullname:
+            flush()
+            rows = name_base[3:] if spaced else name_base[:3]
+            slots += list(zip(rows, (_COL_FIRST, _COL_MIDDLE, _COL_LAST)))
+            if slot in ("poss", "his"):
+                text("'s")
+        else:
+            word = _PRONOUNS[slot][gender]
+            text(" " + word if spaced else word, PRONOUN)
+    text(parts[-1])
+    flush()
+    return slots

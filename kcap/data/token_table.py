@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kcap.data.labels import NAME, TEXT
+
 
 class TokenTable:
     """Append-only table of token-id sequences with per-token ``field`` labels.
@@ -77,6 +79,21 @@ class TokenTable:
         shift = np.repeat(self.offsets[flat] - (ends - slot_lengths), slot_lengths)
         index = np.arange(total, dtype=np.int64) + shift
         return index, slot_lengths.reshape(entries.shape).sum(axis=1), slot_lengths
+
+
+def add_name_rows(table: TokenTable, tokenizer, pools) -> list[int]:
+    """Add the name-part rows both renderers use; return their six first entry ids.
+
+    [first bare, middle, last] are labelled NAME (the full name opening a biography);
+    [first, middle, last], spaced, are labelled TEXT (a name repeated later, a copy).
+    """
+    pid = tokenizer.piece_id
+    bases = [table.add_block([[pid(n)] for n in pools.first_names], NAME)]
+    for pool in (pools.middle_names, pools.last_names):
+        bases.append(table.add_block([[pid(" " + n)] for n in pool], NAME))
+    for pool in (pools.first_names, pools.middle_names, pools.last_names):
+        bases.append(table.add_block([[pid(" " + n)] for n in pool], TEXT))
+    return bases
 
 
 class Rendered:

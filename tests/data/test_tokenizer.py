@@ -74,7 +74,7 @@ def test_roundtrip_arbitrary_text(text):
     assert "".join(tk.pieces(text)) == text
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(text=st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=80))
 def test_roundtrip_property(text):
     ids = TOK.encode(text)
@@ -83,7 +83,7 @@ def test_roundtrip_property(text):
     assert "".join(tk.pieces(text)) == text
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(words=st.lists(st.sampled_from(["Emma", " Smith", " was", " born", ",", ".", " ", "\n",
                                        "  ", " 1985", "\u00e9t\u00e9", "<|endoftext|>"]),
                       max_size=20))
@@ -167,8 +167,9 @@ def test_decode_rejects_negative_ids():
         TOK.decode([-1])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with bioD symbols, piece_id maps '<05>' (and "
-                   "'<' + non-ASCII digit + '>') to symbol 5, so decode(encode(t)) != t")
+@pytest.mark.xfail(strict=True, reason="BUG: with bioD symbols, piece_id maps the "
+                   "non-canonical '<05>' to symbol 5 (decodes '<5>') and '<\\u0663>' "
+                   "(Arabic-Indic 3) to symbol 3, so decode(encode(t)) != t")
 @pytest.mark.parametrize("text", ["<05>", "<\u0663>"])
 def test_roundtrip_non_canonical_symbol_text(text):
     tok = biod_tokenizer(10)
