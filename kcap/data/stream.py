@@ -202,29 +202,34 @@ class MixtureStream:
         ranks = np.argsort(order, axis=1)
         return np.take_along_axis(ranks, pos[:, None], axis=1)[:, 0] < self.u
 
+    def _take(self, stream: ExposureStream, count: int) -> Windows:
+        if count:
+            return stream.next_windows(count)
+        return Windows(np.empty((0, self.window), np.int32),
+                       TokenLabels.padding(0).reshape(0, self.window) if stream.with_labels else None)
+
     def next_windows(self, count: int) -> Windows:
+        """The next ``count`` windows; fewer (or none) once the useful stream has ended.
+
+        The mixture ends right after its last useful window, whatever the read sizes.
+        """
         check_int("count", count, 1)
+        if self.useful.exhausted:
+            return self._take(self.useful, 0)
         useful_mask = self.is_useful(self.window_index + np.arange(count))
-        n_useful = int(useful_mask.sum())
-        good = self.useful.next_windows(n_useful) if n_useful else Windows(
-            np.empty((0, self.window), np.int32))
-        if len(good) < n_useful:  # the useful stream ended: stop at its last window
-            last = int(np.flatnonzero(useful_mask)[len(good) - 1]) + 1 if len(good) else 0
-            useful_mask = useful_mask[:last]
-        n_junk = int((~useful_mask).sum())
-        bad = self.junk.next_windows(n_junk) if n_junk else Windows(
-            np.empty((0, self.window), np.int32))
+        good = self._take(self.useful, int(useful_mask.sum()))
+        if self.useful.exhausted:  # drop what follows the last useful window
+            positions = np.flatnonzero(useful_mask)[:len(good)]
+            useful_mask = useful_mask[:positions[-1] + 1 if len(positions) else 0]
+        bad = self._take(self.junk, int((~useful_mask).sum()))
         tokens = np.empty((len(useful_mask), self.window), np.int32)
         tokens[useful_mask], tokens[~useful_mask] = good.tokens, bad.tokens
         labels = None
         if self.useful.with_labels:
             labels = TokenLabels.padding(tokens.size).reshape(*tokens.shape)
-            for arr, g, b in ((labels.field, good.labels.field, bad.labels.field if n_junk else None),
-                              (labels.chunk, good.labels.chunk, bad.labels.chunk if n_junk else None),
-                              (labels.person, good.labels.person, bad.labels.person if n_junk else None)):
-                arr[useful_mask] = g
-                if n_junk:
-                    arr[~useful_mask] = b
+            for name in ("field", "chunk", "person"):
+                getattr(labels, name)[useful_mask] = getattr(good.labels, name)
+                getattr(labels, name)[~useful_mask] = getattr(bad.labels, name)
         self.window_index += len(useful_mask)
         return Windows(tokens, labels, useful_mask)
 

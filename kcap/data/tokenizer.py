@@ -24,7 +24,7 @@ import numpy as np
 SPECIALS = ("<|endoftext|>", "<|pad|>", "<|useful|>")
 EOS_ID, PAD_ID, USEFUL_ID = 0, 1, 2
 N_BYTES = 256
-PIECE_RE = re.compile(r"<\d+>|\s(?=<\d+>)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]|\s")
+PIECE_RE = re.compile(r"<[0-9]+>|\s(?=<[0-9]+>)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]|\s")
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
 
 
@@ -64,9 +64,10 @@ class Tokenizer:
 
     def piece_id(self, piece: str) -> int:
         """Id of a piece that must be in the vocabulary (KeyError naming it otherwise)."""
-        if piece.startswith("<") and piece.endswith(">") and piece[1:-1].isdigit():
-            i = int(piece[1:-1])
-            if i < self.n_symbols:
+        digits = piece[1:-1]
+        if piece.startswith("<") and piece.endswith(">") and digits.isascii() and digits.isdigit():
+            i = int(digits)
+            if i < self.n_symbols and str(i) == digits:  # only the canonical "<5>", not "<05>"
                 return self.symbol_offset + i
         try:
             return self._ids[piece]
@@ -95,12 +96,12 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of token ids (int sequence or numpy array)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside [0, {self.vocab_size})")
         table = self._bytes
-        try:
-            return b"".join(table[int(i)] for i in ids).decode("utf-8", errors="replace")
-        except IndexError:
-            bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
-            raise ValueError(f"token ids {bad[:5]} outside [0, {self.vocab_size})") from None
+        return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
 
     def token_text(self, token_id: int) -> str:
         return self._bytes[token_id].decode("utf-8", errors="replace")

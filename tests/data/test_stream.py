@@ -196,9 +196,6 @@ def test_mixture_resume():
         _mixture((2, 3)).load_state_dict(state)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="BUG: MixtureStream.next_windows "
-                   "with labels crashes (good.labels is None) when the requested windows "
-                   "hold no useful window")
 def test_mixture_labels_junk_only_request():
     m = _mixture((1, 7), labels=True)
     for _ in range(8):  # one block, one window at a time: 7 requests hold only junk
@@ -206,9 +203,6 @@ def test_mixture_labels_junk_only_request():
         assert len(w) == 1 and w.labels.field.shape == (1, W)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: once the useful stream is exhausted, "
-                   "MixtureStream still emits junk windows when a request holds no useful "
-                   "position, so the output depends on the read size")
 def test_mixture_read_size_does_not_matter():
     big = len(_mixture((1, 7)).next_windows(10_000))
     m, small = _mixture((1, 7)), 0
