@@ -19,6 +19,7 @@ import numpy as np
 
 from kcap.data import counter_rng as rng
 from kcap.data.arguments import check_int, check_people
+from kcap.data.bios import distinct_values
 from kcap.data.labels import SPECIAL, TEXT, VALUE, Attribute, TokenLabels
 from kcap.data.pools import N_FULL_NAMES, load_pools, split_name_id
 from kcap.data.token_table import Rendered, TokenTable, add_name_rows
@@ -175,12 +176,14 @@ class BioD:
     def used_token_ids(self) -> np.ndarray:
         """Sorted ids the data can emit: template pieces, EOS, the N people's name parts and
         the symbols of the K*D chunks."""
-        prof = self.profiles(np.arange(self.n_people))
+        parts = ("first", "middle", "last")
+        # profiles() also draws the (chunk, K, C) values: keep chunks of people small.
+        prof = distinct_values(self, parts, chunk=max(1, (1 << 22) // (self.config.k * self.config.c)))
         entries = [self._intro, [self._comma, self._period, self._eos]]
-        for i, part in enumerate(("first", "middle", "last")):
-            entries.append(self._name_base[i] + np.unique(prof[part]))
+        for i, part in enumerate(parts):
+            entries.append(self._name_base[i] + prof[part])
             if self.config.k > 1:  # later sentences repeat the name, spaced
-                entries.append(self._name_base[3 + i] + np.unique(prof[part]))
+                entries.append(self._name_base[3 + i] + prof[part])
         ids = [self._table.entry_tokens(np.concatenate(entries)),
                self.tokenizer.symbol_ids(np.unique(self.chunks))]
         return np.unique(np.concatenate(ids))

@@ -231,16 +231,25 @@ class BioS:
         """Sorted ids this data set can emit: every template piece of its variant, EOS (and
         the marker), and the name parts and values of its N people."""
         t = self._tables
-        prof = self.profiles(np.arange(self.n_people))
+        prof = distinct_values(self, ("first", "middle", "last") + ATTRIBUTES)
         entries = [t.text_entries, [t.eos] + ([t.marker] if self.config.marker else [])]
-        entries += [t.name_base[0] + np.unique(prof["first"]),
-                    t.name_base[1] + np.unique(prof["middle"]),
-                    t.name_base[2] + np.unique(prof["last"])]
+        entries += [t.name_base[i] + prof[k] for i, k in enumerate(("first", "middle", "last"))]
         if self.variant.fullname:  # repeated names come from the spaced, TEXT-labelled rows
-            entries += [t.name_base[3 + i] + np.unique(prof[k])
+            entries += [t.name_base[3 + i] + prof[k]
                         for i, k in enumerate(("first", "middle", "last"))]
-        entries += [t.value_base[a] + np.unique(prof[attr]) for a, attr in enumerate(ATTRIBUTES)]
+        entries += [t.value_base[a] + prof[attr] for a, attr in enumerate(ATTRIBUTES)]
         return t.table.entry_tokens(np.concatenate([np.asarray(x, np.int64) for x in entries]))
+
+
+def distinct_values(dataset, keys, chunk: int = 1 << 20) -> dict[str, np.ndarray]:
+    """Sorted distinct values of profile columns over all people of ``dataset``, computed
+    ``chunk`` people at a time so that memory stays bounded for N in the millions."""
+    seen = {k: np.empty(0, np.int64) for k in keys}
+    for lo in range(0, dataset.n_people, chunk):
+        prof = dataset.profiles(np.arange(lo, min(lo + chunk, dataset.n_people)))
+        for k in keys:
+            seen[k] = np.union1d(seen[k], prof[k])
+    return seen
 
 
 @dataclass
