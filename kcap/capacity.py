@@ -64,11 +64,15 @@ def log2_s0(dataset) -> float:
 @dataclass
 class PersonLosses:
     """Summed losses (nats) per evaluated person: ``name`` (n,), ``value`` (n, A) summed over
-    each attribute's tokens, ``first_chunk`` (n, A) (bioD; equal to value for bioS)."""
+    each attribute's tokens, ``first_chunk`` (n, A) (bioD; equal to value for bioS).
+    Optional greedy accuracy (n, A) bools: ``first_correct`` (the value's first token is the
+    argmax) and ``value_correct`` (every token of the value is)."""
     persons: np.ndarray
     name: np.ndarray
     value: np.ndarray
     first_chunk: np.ndarray
+    first_correct: np.ndarray | None = None
+    value_correct: np.ndarray | None = None
 
 
 @dataclass
@@ -90,6 +94,7 @@ class CapacityReport:
     bits_ci95: float  # half-width of a 95% interval from sampling people (0 if all evaluated)
     R_ci95: float
     attribute_loss: dict = field(default_factory=dict)  # mean summed nats per attribute
+    attribute_accuracy: dict = field(default_factory=dict)  # {attr: {first_token, value}}
     param_convention: str = PARAM_CONVENTION
 
     def to_dict(self) -> dict:
@@ -141,7 +146,11 @@ def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityRep
         bits_max=total_max, R=bits / n_params, R_max=total_max / n_params, bits_ci95=half,
         R_ci95=half / n_params,
         attribute_loss={a.name: float(losses.value[:, i].mean())
-                        for i, a in enumerate(dataset.attributes)})
+                        for i, a in enumerate(dataset.attributes)},
+        attribute_accuracy={} if losses.value_correct is None else {
+            a.name: {"first_token": float(losses.first_correct[:, i].mean()),
+                     "value": float(losses.value_correct[:, i].mean())}
+            for i, a in enumerate(dataset.attributes)})
 
 
 def count_params(model, used_token_ids, vocab_size: int) -> int:

@@ -1,6 +1,8 @@
 """The ``kcap`` command (also ``python -m kcap``): one subcommand per stage.
 
-  kcap demo                 the main job: data, its bits, stream speed (the trainer extends it)
+  kcap demo [--out DIR]     the main job: train a small model on bioS, report bits learned
+  kcap train CONFIG.toml    a real run (resumable with --resume; torchrun for several GPUs)
+  kcap eval CHECKPOINT      bits, R and accuracy of a checkpoint
   kcap data bios|biod|junk  generate a data set, print what it holds, optionally write windows
   kcap data qa              print question/answer pairs
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
@@ -26,9 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: generate data and report its bits")
-    demo.add_argument("--n", type=int, default=10_000, help="people in bioS (default 10,000)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the main job: train a small model, report its bits")
+    demo.add_argument("--out", default="runs/demo", help="run folder (report.json, training.png, "
+                                                        "checkpoints); default runs/demo")
+    demo.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default=None,
+                      help="default: gpu when CUDA is available, else cpu; tiny: a few seconds")
+
+    train = sub.add_parser("train", help="train from a TOML config")
+    train.add_argument("config", help="TOML file mapping onto kcap.train.TrainConfig")
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint's bits of knowledge")
+    ev.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ev.add_argument("--sample", type=int, default=None, help="people to evaluate (default all)")
+    ev.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    ev.add_argument("--json", help="also write the report to this JSON file")
 
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
@@ -151,33 +166,39 @@ def cmd_data(args):
 
 
 def cmd_demo(args):
-    from kcap.data.biod import BioD, BioDConfig
-    from kcap.data.bios import BioS, BioSConfig
-    from kcap.data.qa import qa_pairs
-    from kcap.data.stream import ExposureStream
+    from kcap.demo import run_demo
 
-    ds = BioS(BioSConfig(n=args.n, seed=args.seed))
-    print(describe(ds))
-    for e in (0, 1):
-        print(f"\n[person 0, exposure {e}]\n{ds.text(0, e)}")
-    print("\n" + "\n".join(p.text for p in qa_pairs(ds, [0])))
-    stream = ExposureStream(ds, 1000, window=512, seed=args.seed)
-    start, tokens = time.perf_counter(), 0
-    while time.perf_counter() - start < 2.0:
-        tokens += stream.next_windows(256).tokens.size
-    rate = tokens / (time.perf_counter() - start)
-    print(f"\nexposure stream (1000 exposures, 512-token windows): {rate / 1e6:.1f}M tokens/s on "
-          "this CPU")
-    biod = BioD(BioDConfig(n=args.n, k=4, c=2, d=100, l=2, t=50, seed=args.seed))
-    print("\n" + describe(biod) + f"\n{biod.text(0, 0)}")
-    print("\nThe trainer (next milestone) turns this into an end-to-end bits-per-parameter run.")
+    run_demo(args.out, args.preset)
+
+
+def cmd_train(args):
+    from kcap.config_file import load_config
+    from kcap.demo import table
+    from kcap.train import train
+
+    report = train(load_config(args.config), args.out, resume=args.resume,
+                   progress=not args.no_progress)
+    if report.get("people"):
+        print(table(report))
+
+
+def cmd_eval(args):
+    from kcap.evaluate_checkpoint import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, sample=args.sample, batch_size=args.batch_size)
+    print(report.summary())
+    for attr, acc in report.attribute_accuracy.items():
+        print(f"  {attr:<12} accuracy {acc['value']:.1%} (first token {acc['first_token']:.1%})")
+    if args.json:
+        from kcap.atomic import write_json
+        write_json(args.json, report.to_dict())
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"demo": cmd_demo, "data": cmd_data}[args.command](args)
-    except (ValueError, TypeError) as err:
+        {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except (ValueError, TypeError, RuntimeError) as err:
         print(f"kcap: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -69,6 +69,8 @@ def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, wind
     name = np.zeros(m)
     value = np.zeros(m * n_attr)
     first = np.zeros(m * n_attr)
+    first_right = np.zeros(m * n_attr)
+    wrong = np.zeros(m * n_attr)
     for lo in tqdm(range(0, len(tokens), batch_size), desc="evaluating", unit="batch",
                    disable=not progress):
         x = torch.from_numpy(tokens[lo:lo + batch_size])
@@ -81,6 +83,9 @@ def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, wind
                              f"got {tuple(logits.shape)}")
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logp.gather(-1, x[:, 1:, None])[..., 0].cpu().double().numpy().ravel()
+        right = (logits[:, :-1].argmax(-1) == x[:, 1:]).cpu().numpy().ravel()
+        rows = labels.field[lo:lo + batch_size]
+        starts = ((rows[:, 1:] != rows[:, :-1]) & (labels.chunk[lo:lo + batch_size, 1:] <= 0)).ravel()
         fld = labels.field[lo:lo + batch_size, 1:].ravel()
         slot = np.searchsorted(persons, labels.person[lo:lo + batch_size, 1:].ravel())
         chunk = labels.chunk[lo:lo + batch_size, 1:].ravel()
@@ -89,10 +94,16 @@ def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, wind
         is_value = fld >= VALUE
         idx = slot[is_value] * n_attr + (fld[is_value] - VALUE)
         value += np.bincount(idx, nll[is_value], minlength=m * n_attr)
+        wrong += np.bincount(idx, ~right[is_value], minlength=m * n_attr)
+        is_start = is_value & starts  # the first token of a value
+        first_right += np.bincount(slot[is_start] * n_attr + (fld[is_start] - VALUE),
+                                   right[is_start], minlength=m * n_attr)
         is_first = is_value & (chunk == 0)
         idx = slot[is_first] * n_attr + (fld[is_first] - VALUE)
         first += np.bincount(idx, nll[is_first], minlength=m * n_attr)
-    return PersonLosses(persons, name, value.reshape(m, n_attr), first.reshape(m, n_attr))
+    shape = (m, n_attr)
+    return PersonLosses(persons, name, value.reshape(shape), first.reshape(shape),
+                        first_right.reshape(shape) > 0, wrong.reshape(shape) == 0)
 
 
 def evaluate_capacity(model, dataset, n_params: int, sample: int | None = None, seed: int = 0,

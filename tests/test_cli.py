@@ -45,7 +45,15 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
-def test_demo_runs():
-    out = run("demo", "--n", "200")
+def test_demo_writes_report_and_plot(tmp_path):
+    out = run("demo", "--preset", "tiny", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
-    assert "R_max numerator" in out.stdout and "tokens/s" in out.stdout
+    assert "bits learned" in out.stdout and "R_max(F)" in out.stdout
+    report = __import__("json").loads((tmp_path / "demo" / "report.json").read_text())
+    for key in ("people", "bits_in_data", "params_counted", "bits_learned", "capacity_ratio",
+                "capacity_ratio_max"):
+        assert key in report
+    assert report["capacity_ratio_max"] == pytest.approx(report["bits_in_data"] / report["params_counted"])
+    assert (tmp_path / "demo" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run("demo", "--preset", "tiny", "--out", str(tmp_path / "demo"))  # finished: resumes
+    assert again.returncode == 0 and "bits learned" in again.stdout

@@ -1,0 +1,76 @@
+"""Data parallelism through torchrun (DDP), and the same code single-process.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 we join the process
+group (NCCL on GPUs, gloo on CPU) and wrap the model in DistributedDataParallel. Each rank
+reads its own shard of the data stream (see kcap.data.stream).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, wanted: str = "auto"):
+        import torch
+
+        if wanted == "auto":
+            wanted = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(wanted)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {wanted!r} asked for, but CUDA is not available")
+            torch.cuda.set_device(device)
+        return device
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a one-element list single-process)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as td
+            td.barrier()
+
+    def shutdown(self):
+        if self.world > 1:
+            import torch.distributed as td
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+def init() -> Dist:
+    """Join the process group if torchrun started several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch
+    import torch.distributed as td
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not td.is_initialized():
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank, world, local)

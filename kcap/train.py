@@ -1,0 +1,311 @@
+"""The lean trainer: exposure-based budgets, AdamW with warmup + cosine, mixed precision,
+atomic resumable checkpoints, capacity evaluation, data parallelism via torchrun.
+
+A run is a pure function of its TrainConfig: ``train(cfg)`` on CPU gives the same bytes
+every time, and a run killed at any moment and resumed (``resume=True``) ends with the same
+weights as one that never stopped, because the checkpoint holds everything the next step
+reads: weights, optimizer moments, the step and the data streams' (cursor, offset).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kcap import checkpoint
+from kcap.budget import count_tokens, learning_rate, paper_recipe, steps_for
+from kcap.data.arguments import check_int
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "bioS"          # bioS | bioD
+    n: int = 1000
+    variant: str = "online"     # bioS variants (see kcap.data.bios)
+    k: int = 4                  # bioD parameters
+    c: int = 2
+    d: int = 100
+    l: int = 2  # noqa: E741
+    t: int = 50
+    junk_n: int = 0             # > 0: mix in junk bioS(junk_n) windows
+    junk_ratio: tuple = (1, 7)  # useful:junk tokens
+    marker: bool = False        # prepend <|useful|> to useful biographies
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt2-2-4"
+    model_options: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    exposures: int = 100
+    window: int = 512
+    batch_size: int = 24        # windows per step, over all ranks
+    steps: int | None = None    # None: derived from the exposures
+    recipe: str | None = None   # "paper": lr, weight decay and batch from spec section 5
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # None: min(1000, steps // 10)
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: str = "auto"     # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    eval_every: int = 0         # steps between capacity evaluations (0: only at the end)
+    eval_sample: int | None = 2000  # people per evaluation (None: all)
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        self.betas, self.data.junk_ratio = tuple(self.betas), tuple(self.data.junk_ratio)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.recipe not in (None, "paper"):
+            raise ValueError(f"recipe must be 'paper' or unset, got {self.recipe!r}")
+        check_int("exposures", self.exposures, 1)
+        check_int("window", self.window, 2)
+        check_int("batch_size", self.batch_size, 1)
+        for name in ("eval_every", "log_every", "checkpoint_every"):
+            check_int(name, getattr(self, name), 0)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.steps is not None:
+            check_int("steps", self.steps, 1)
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and grad_clip >= 0")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1, labels: bool = False):
+    """(dataset, training stream, useful fraction of windows) of a config."""
+    from kcap.data.biod import BioD, BioDConfig
+    from kcap.data.bios import BioS, BioSConfig
+    from kcap.data.stream import ExposureStream, MixtureStream
+
+    d = cfg.data
+    if d.kind == "bioS":
+        ds = BioS(BioSConfig(n=d.n, seed=d.seed, variant=d.variant, marker=d.marker))
+    elif d.kind == "bioD":
+        ds = BioD(BioDConfig(n=d.n, k=d.k, c=d.c, d=d.d, l=d.l, t=d.t, seed=d.seed))
+    else:
+        raise ValueError(f"data.kind must be bioS or bioD, got {d.kind!r}")
+    useful = ExposureStream(ds, cfg.exposures, cfg.window + 1, d.seed, rank, world, labels)
+    if not d.junk_n:
+        return ds, useful, 1.0
+    if d.kind != "bioS":
+        raise ValueError("junk mixtures are defined for bioS")
+    junk = BioS(BioSConfig(n=d.junk_n, seed=d.seed, person_offset=d.n))
+    stream = MixtureStream(useful, ExposureStream(junk, None, cfg.window + 1, d.seed, rank, world,
+                                                  labels), d.junk_ratio, d.seed)
+    return ds, stream, d.junk_ratio[0] / sum(d.junk_ratio)
+
+
+def resolve(cfg: TrainConfig, world: int = 1) -> dict:
+    """The derived quantities of a run: steps, warmup, lr, weight decay, batch per rank."""
+    import dataclasses
+
+    if cfg.recipe == "paper":
+        cfg = dataclasses.replace(cfg, **paper_recipe(cfg.data.n, cfg.exposures, cfg.data.kind))
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
+    _, stream, useful_fraction = build_data(cfg)
+    useful_stream = getattr(stream, "useful", stream)
+    tokens = count_tokens(useful_stream)
+    steps = cfg.steps or steps_for(tokens, cfg.batch_size, cfg.window + 1, useful_fraction)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, steps // 10)
+    return {"steps": steps, "warmup": warmup, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "batch_size": cfg.batch_size, "batch_per_rank": cfg.batch_size // world,
+            "useful_tokens": tokens}
+
+
+def _optimizer(model, cfg: TrainConfig, lr: float, weight_decay: float, device):
+    import torch
+
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norm gains
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
+def _fingerprint(cfg: TrainConfig) -> dict:
+    """What a checkpoint must agree with to be resumed (everything but the bookkeeping)."""
+    d = asdict(cfg)
+    for key in ("eval_every", "eval_sample", "log_every", "checkpoint_every", "keep_checkpoints",
+                "device", "compile"):
+        d.pop(key)
+    return json.loads(json.dumps(d))
+
+
+def read_log(run_dir) -> list[dict]:
+    """Records of a run's log.jsonl (train and eval lines)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_log(run_dir: Path, record: dict):
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True) -> dict:
+    """Train, evaluate and write ``run_dir/report.json``; return the report.
+
+    ``resume``: continue from the run's latest checkpoint (refused if it belongs to another
+    configuration). Without it, a run folder that already holds checkpoints is refused, so
+    nothing overwrites a good checkpoint.
+    """
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from kcap import distributed
+    from kcap.atomic import write_json, write_text
+    from kcap.data.tokenizer import PAD_ID
+    from kcap.models import build_model, parameter_report
+
+    run_dir = Path(run_dir)
+    dist = distributed.init()
+    device = dist.device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision != "fp32" and device.type == "cpu":
+        raise ValueError(f"precision {precision!r} needs a GPU; use fp32 on CPU")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    plan = resolve(cfg, dist.world)
+    steps, warmup = plan["steps"], plan["warmup"]
+    existing = checkpoint.latest(run_dir)
+    if existing is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints ({existing.name}); pass resume "
+                         "(--resume) to continue it, or choose a new run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    ds, stream, _ = build_data(cfg, dist.rank, dist.world)
+    model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window,
+                        **cfg.model_options).to(device)
+    opt = _optimizer(model, cfg, plan["lr"], plan["weight_decay"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    params = parameter_report(model, ds.used_token_ids())
+    fingerprint = _fingerprint(cfg)
+    step = 0
+    if resume and existing is not None:
+        meta = checkpoint.load(existing, model, opt)
+        if meta.get("fingerprint") != fingerprint:
+            raise checkpoint.CheckpointError(
+                f"{existing} belongs to another configuration; differing keys: "
+                f"{sorted(k for k in fingerprint if meta.get('fingerprint', {}).get(k) != fingerprint[k])}")
+        if len(meta["streams"]) != dist.world:
+            raise checkpoint.CheckpointError(f"{existing} was written by {len(meta['streams'])} ranks, "
+                                             f"this run has {dist.world}")
+        stream.load_state_dict(meta["streams"][dist.rank])
+        step = meta["step"]
+        if dist.is_main:  # drop log lines written after the checkpoint
+            kept = [r for r in read_log(run_dir) if r["step"] <= step]
+            write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    if dist.is_main:
+        write_json(run_dir / "config.json", {"config": asdict(cfg), "plan": plan, "params": params,
+                                             "precision": precision, "world_size": dist.world})
+    net = dist.wrap(model)
+    forward = torch.compile(net) if cfg.compile else net
+
+    def evaluate():
+        from kcap.evaluate import evaluate_capacity
+
+        model.eval()
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            report = evaluate_capacity(lambda ids: model(ids)[0], ds, params["counted"],
+                                       sample=cfg.eval_sample, seed=cfg.seed, batch_size=16,
+                                       window=cfg.window, device=device)
+        model.train()
+        return report
+
+    bar = tqdm(total=steps, initial=step, unit="step", disable=not (progress and dist.is_main),
+               dynamic_ncols=True)
+    tokens_per_step = plan["batch_size"] * cfg.window
+    clock, last_step = time.perf_counter(), step
+    model.train()
+    while step < steps:
+        lr = learning_rate(step, steps, plan["lr"], warmup, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        windows = stream.next_windows(plan["batch_per_rank"])
+        if len(windows) < plan["batch_per_rank"]:
+            break  # the exposures are used up (only when steps was set by hand)
+        tokens = torch.from_numpy(windows.tokens.astype(np.int64)).to(device)
+        x, y = tokens[:, :-1], tokens[:, 1:].clone()
+        y[y == PAD_ID] = -100
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            _, loss = forward(x, y)
+        if not torch.isfinite(loss).item():
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint is "
+                f"{checkpoint.latest(run_dir)}; try a lower lr, or bf16/fp32 instead of fp16")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if dist.is_main and (step % max(1, cfg.log_every) == 0 or step == steps):
+            elapsed = time.perf_counter() - clock
+            rate = (step - last_step) * tokens_per_step / max(elapsed, 1e-9)
+            clock, last_step = time.perf_counter(), step
+            _append_log(run_dir, {"step": step, "loss": loss.item(), "lr": lr,
+                                  "tokens": step * tokens_per_step, "tokens_per_s": rate,
+                                  "exposures": stream_exposures(stream) * dist.world})
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+            if dist.is_main:
+                r = evaluate()
+                _append_log(run_dir, {"step": step, "eval": r.to_dict()})
+                bar.write(f"step {step}: {r.bits:,.0f} bits, R = {r.R:.3f} (R_max {r.R_max:.3f})")
+            dist.barrier()
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps:
+            states = dist.gather(stream.state_dict())
+            if dist.is_main:
+                checkpoint.save(run_dir, step, model, opt, {
+                    "fingerprint": fingerprint, "streams": states,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                    keep=cfg.keep_checkpoints)
+            dist.barrier()
+    bar.close()
+    with torch.no_grad():  # lets tests check that data-parallel ranks hold the same weights
+        checksums = dist.gather(float(sum(p.double().sum() for p in model.parameters())))
+    report = {}
+    if dist.is_main:
+        r = evaluate()
+        _append_log(run_dir, {"step": step, "eval": r.to_dict()})
+        report = {"people": ds.n_people, "bits_in_data": r.bits_max,
+                  "params_counted": params["counted"], "params_total": params["total"],
+                  "params_active": params["active"], "bits_learned": r.bits,
+                  "capacity_ratio": r.R, "capacity_ratio_max": r.R_max, "capacity_ratio_ci95": r.R_ci95,
+                  "people_evaluated": r.n_evaluated, "steps": step, "planned_steps": steps,
+                  "tokens": step * tokens_per_step, "precision": precision,
+                  "device": str(device), "world_size": dist.world, "param_checksums": checksums,
+                  "metric": r.to_dict()}
+        write_json(run_dir / "report.json", report)
+    dist.shutdown()
+    return report
+
+
+def stream_exposures(stream) -> float:
+    """Exposures per person done so far (the useful stream's, for a mixture)."""
+    return getattr(stream, "useful", stream).exposures_done
