@@ -1,7 +1,7 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data",)
+SUBJECTS = ("data", "train")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -10,3 +10,6 @@ args = parser.parse_args()
 if args.subject == "data":
     from bench import data
     data.run(quick=args.quick)
+elif args.subject == "train":
+    from bench import train
+    train.run(quick=args.quick)

@@ -146,3 +146,9 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     streams = json.loads((checkpoint.latest(run) / "state.json").read_text())["streams"]
     assert [s["fingerprint"]["rank"] for s in streams] == [0, 1]
     assert streams[0]["cursor"] > 0 and streams[1]["cursor"] > 0
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/*.toml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model and cfg.data.n >= 1
