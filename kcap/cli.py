@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="data seed (profiles, renderings, order)")
     common.add_argument("--exposures", type=int, default=1, help="exposures per person to write")
     common.add_argument("--window", type=int, default=512, help="tokens per window")
     common.add_argument("--show", type=int, default=2, help="biographies to print")
@@ -58,20 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-windows", type=int, default=None, help="stop after this many")
 
     bios = kinds.add_parser("bios", parents=[common], help="bioS(N)")
-    bios.add_argument("--n", type=int, required=True)
+    bios.add_argument("--n", type=int, required=True, help="number of people N")
     bios.add_argument("--variant", default="online",
                       help="online | simple | multiM | permute | fullname, joined with '+'")
     biod = kinds.add_parser("biod", parents=[common], help="bioD(N, K, C, D, L, T)")
-    for name, default in (("n", None), ("k", 4), ("c", 2), ("d", 100), ("l", 2), ("t", 50)):
-        biod.add_argument(f"--{name}", type=int, required=default is None, default=default)
+    for name, default, meaning in (("n", None, "people"), ("k", 4, "attributes"),
+                                   ("c", 2, "chunks per value"), ("d", 100, "distinct chunks per attribute"),
+                                   ("l", 2, "symbols per chunk"), ("t", 50, "alphabet size")):
+        biod.add_argument(f"--{name}", type=int, required=default is None, default=default,
+                          help=f"{name.upper()}: {meaning}" + ("" if default is None else f" (default {default})"))
     junk = kinds.add_parser("junk", parents=[common], help="useful bioS(N) + junk bioS(N')")
     junk.add_argument("--n", type=int, required=True, help="useful people")
     junk.add_argument("--junk-n", type=int, default=100_000_000, help="junk people N'")
     junk.add_argument("--ratio", type=_ratio, default=(1, 7), help="useful:junk tokens (1:7)")
     junk.add_argument("--marker", action="store_true", help="prepend <|useful|> to useful bios")
     qa = kinds.add_parser("qa", help="question/answer pairs of bioS(N)")
-    qa.add_argument("--n", type=int, required=True)
-    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--n", type=int, required=True, help="number of people N")
+    qa.add_argument("--seed", type=int, default=0, help="data seed")
     qa.add_argument("--people", type=int, default=2, help="people to print")
     return p
 

@@ -79,6 +79,10 @@ class TrainConfig:
         check_int("keep_checkpoints", self.keep_checkpoints, 1)
         if self.steps is not None:
             check_int("steps", self.steps, 1)
+        clash = {"context", "vocab_size"} & set(self.model_options)
+        if clash:
+            raise ValueError(f"model_options cannot set {sorted(clash)}: the context is the window "
+                             "and the vocabulary is the data's")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and grad_clip >= 0")
 
