@@ -1,7 +1,7 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train")
+SUBJECTS = ("data", "train", "attention")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -10,6 +10,9 @@ args = parser.parse_args()
 if args.subject == "data":
     from bench import data
     data.run(quick=args.quick)
+elif args.subject == "attention":
+    from bench import attention
+    attention.run(quick=args.quick)
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)

@@ -68,6 +68,13 @@ def time_wall(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_gpu(fn) -> float:
+    """Median seconds of ``fn()`` on the GPU (triton.testing.do_bench: warm-up, L2 flush)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
 def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
     """A table of the rows with each one's ratio against the baseline provider."""
     base = {r["case"]: r["throughput"] for r in rows if r["provider"] == baseline}
@@ -79,8 +86,10 @@ def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
              "|---|---|---|---|---|"]
     for r in rows:
         ratio = r["throughput"] / base[r["case"]] if r["case"] in base else float("nan")
-        lines.append(f"| {r['case']} | {r['provider']} | {r['median_s']:.4f} | "
-                     f"{r['throughput']:,.0f} {r['unit']} | {ratio:.1f}x |")
+        value = r["throughput"]
+        shown = f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+        lines.append(f"| {r['case']} | {r['provider']} | {r['median_s']:.6f} | "
+                     f"{shown} {r['unit']} | {ratio:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

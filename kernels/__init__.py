@@ -1,6 +1,10 @@
 """Triton kernels, imported as ``kcap.kernels``.
 
 This package depends on torch and triton only (never on the rest of kcap), so that a kernel
-file can be lifted into another project as it is. The kernels land with their issues:
-flash attention, the fused gated MLP, weight-only int8/int4 matmuls and the MoE grouped GEMM.
+file can be lifted into another project with ``runtime.py`` beside it. Kernels so far:
+``flash_attention`` (forward and backward, causal, grouped-query). The fused gated MLP,
+weight-only int8/int4 matmuls and the MoE grouped GEMM land with their issues.
 """
+from .attention import attention_reference, flash_attention
+
+__all__ = ["flash_attention", "attention_reference"]

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, fields, replace
 
 ARCHS = ("gpt2", "gpt2quarter", "gpt2nomlp", "gpt2moe", "llama", "llamaplain", "mistral")
-ATTN_IMPLS = ("torch",)  # the kernel issues add "triton"
+ATTN_IMPLS = ("auto", "torch", "triton")  # auto: triton on CUDA tensors, torch elsewhere
 MLP_IMPLS = ("torch",)
 
 
@@ -48,7 +48,7 @@ class ModelConfig:
     capacity_factor_train: float = 2.0
     capacity_factor_eval: float = 8.0
     aux_loss_coef: float = 0.01     # load balancing (Switch Transformer form)
-    attn_impl: str = "torch"
+    attn_impl: str = "auto"
     mlp_impl: str = "torch"
     init_std: float = 0.02
 

@@ -22,6 +22,13 @@ def torch_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def triton_attention(q, k, v):
+    """kcap.kernels.flash_attention (imported on first use: CPU-only runs never need it)."""
+    from kcap.kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=True)
+
+
 def torch_mlp(mlp: "MLP", x):
     """x: (..., d) -> (..., d) with the module's weights."""
     if mlp.kind == "gated":
@@ -31,7 +38,7 @@ def torch_mlp(mlp: "MLP", x):
 
 
 # The dispatch points: implementation name -> function. Kernel issues add "triton".
-ATTENTION = {"torch": torch_attention}
+ATTENTION = {"torch": torch_attention, "triton": triton_attention}
 MLP_FORWARD = {"torch": torch_mlp}
 
 
@@ -70,7 +77,10 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, cfg.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ATTENTION[cfg.attn_impl](q, k, v)
+        impl = cfg.attn_impl
+        if impl == "auto":
+            impl = "triton" if q.is_cuda else "torch"
+        y = ATTENTION[impl](q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 

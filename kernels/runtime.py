@@ -1,0 +1,38 @@
+"""The one place that knows whether Triton runs for real or in its CPU interpreter.
+
+Under ``TRITON_INTERPRET=1`` kernels run on CPU tensors, but the interpreter gets bf16 math
+and bf16 ``tl.dot`` wrong and fails to autotune over several configs. So, when
+interpreting: tiles are upcast to fp32 right after loading (``UPCAST``), autotuning keeps
+its first config, and CPU tensors are accepted. On a GPU none of this applies.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+UPCAST = INTERPRET
+
+
+def configs(candidates: list) -> list:
+    """Autotuning candidates, or only the first one under the interpreter."""
+    return candidates[:1] if INTERPRET else candidates
+
+
+def config(**kwargs) -> "triton.Config":
+    """A triton.Config from keyword arguments (num_warps / num_stages split out)."""
+    warps = kwargs.pop("num_warps", 4)
+    stages = kwargs.pop("num_stages", 2)
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def check_device(*tensors) -> None:
+    """Kernels need CUDA tensors, or CPU tensors under the interpreter; one device for all."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors (got {device}); on CPU set "
+                         "TRITON_INTERPRET=1 before importing triton to use the interpreter")
