@@ -1,7 +1,7 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train", "attention")
+SUBJECTS = ("data", "train", "attention", "mlp")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -13,6 +13,9 @@ if args.subject == "data":
 elif args.subject == "attention":
     from bench import attention
     attention.run(quick=args.quick)
+elif args.subject == "mlp":
+    from bench import mlp
+    mlp.run(quick=args.quick)
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)

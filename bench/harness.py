@@ -78,18 +78,20 @@ def time_gpu(fn) -> float:
 def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
     """A table of the rows with each one's ratio against the baseline provider."""
     base = {r["case"]: r["throughput"] for r in rows if r["provider"] == baseline}
+    memory_head = " peak MiB |" if any("peak_memory_mib" in r for r in rows) else ""
     lines = [f"# {subject}", "", f"- device: {env['device']} ({env['cpu_count']} CPUs)",
              f"- versions: python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"triton {env['triton']}", f"- date: {env['date']}, commit {env['git_commit']}",
              f"- command: `{env['command']}`", "",
-             f"| case | provider | median s | throughput | vs {baseline} |",
-             "|---|---|---|---|---|"]
+             f"| case | provider | median s | throughput | vs {baseline} |" + memory_head,
+             "|---|---|---|---|---|" + ("---|" if memory_head else "")]
     for r in rows:
         ratio = r["throughput"] / base[r["case"]] if r["case"] in base else float("nan")
         value = r["throughput"]
         shown = f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+        memory = f" {r.get('peak_memory_mib', float('nan')):,.0f} |" if memory_head else ""
         lines.append(f"| {r['case']} | {r['provider']} | {r['median_s']:.6f} | "
-                     f"{shown} {r['unit']} | {ratio:.2f}x |")
+                     f"{shown} {r['unit']} | {ratio:.2f}x |" + memory)
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,11 @@
 
 This package depends on torch and triton only (never on the rest of kcap), so that a kernel
 file can be lifted into another project with ``runtime.py`` beside it. Kernels so far:
-``flash_attention`` (forward and backward, causal, grouped-query). The fused gated MLP,
-weight-only int8/int4 matmuls and the MoE grouped GEMM land with their issues.
+``flash_attention`` (forward and backward, causal, grouped-query) and ``fused_mlp`` /
+``GatedMLP`` (gated SiLU, GELU or SiLU MLPs with the activation in the matmul epilogues).
+Weight-only int8/int4 matmuls and the MoE grouped GEMM land with their issues.
 """
 from .attention import attention_reference, flash_attention
+from .gated_mlp import GatedMLP, fused_mlp, mlp_reference
 
-__all__ = ["flash_attention", "attention_reference"]
+__all__ = ["flash_attention", "attention_reference", "fused_mlp", "mlp_reference", "GatedMLP"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 
 ARCHS = ("gpt2", "gpt2quarter", "gpt2nomlp", "gpt2moe", "llama", "llamaplain", "mistral")
 ATTN_IMPLS = ("auto", "torch", "triton")  # auto: triton on CUDA tensors, torch elsewhere
-MLP_IMPLS = ("torch",)
+MLP_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ModelConfig:
     capacity_factor_eval: float = 8.0
     aux_loss_coef: float = 0.01     # load balancing (Switch Transformer form)
     attn_impl: str = "auto"
-    mlp_impl: str = "torch"
+    mlp_impl: str = "auto"
     init_std: float = 0.02
 
     @property
@@ -85,6 +85,13 @@ class ModelConfig:
              "capacity factors must be > 0")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}")
         need(self.mlp_impl in MLP_IMPLS, f"mlp_impl must be one of {MLP_IMPLS}")
+
+
+def resolve_impl(impl: str, x) -> str:
+    """An attn_impl / mlp_impl for tensor x: 'auto' is triton on CUDA tensors, torch elsewhere."""
+    if impl == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return impl
 
 
 def mistral_kv_heads(n_head: int) -> int:

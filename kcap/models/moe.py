@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kcap.models.config import resolve_impl
+
 
 @dataclass
 class Routing:
@@ -86,10 +88,16 @@ class MoE(nn.Module):
         r = ROUTERS[self.router_impl](self.router(x), self.cfg.top_k, factor)
         self.aux_loss, self.last_routing = r.aux_loss, r
         out = torch.zeros_like(x)
+        fused = resolve_impl(self.cfg.mlp_impl, x) == "triton"
         for e in range(self.cfg.n_experts):  # the plain loop the grouped GEMM will replace
             tok, choice = torch.nonzero((r.expert == e) & r.keep, as_tuple=True)
             if tok.numel() == 0:
                 continue
-            h = F.gelu(x[tok] @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+            if fused:  # the fused GELU MLP, weights viewed in nn.Linear layout
+                from kcap.kernels import fused_mlp
+                h = fused_mlp(x[tok], self.w1[e].t(), self.w2[e].t(), b_up=self.b1[e],
+                              b_down=self.b2[e], act="gelu")
+            else:
+                h = F.gelu(x[tok] @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
             out.index_add_(0, tok, h * r.gate[tok, choice, None].to(h.dtype))
         return out.view(shape)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kcap.models.config import ModelConfig
+from kcap.models.config import ModelConfig, resolve_impl
 from kcap.models.moe import MoE
 
 
@@ -37,9 +37,19 @@ def torch_mlp(mlp: "MLP", x):
     return mlp.down(act(mlp.up(x)))
 
 
-# The dispatch points: implementation name -> function. Kernel issues add "triton".
+def triton_mlp(mlp: "MLP", x):
+    """kcap.kernels.fused_mlp: the activation inside the matmul epilogues."""
+    from kcap.kernels import fused_mlp
+
+    gated = mlp.kind == "gated"
+    return fused_mlp(x, mlp.up.weight, mlp.down.weight, mlp.gate.weight if gated else None,
+                     mlp.up.bias, mlp.down.bias, mlp.gate.bias if gated else None,
+                     act="gelu" if mlp.kind == "gelu" else "silu")
+
+
+# The dispatch points: implementation name -> function.
 ATTENTION = {"torch": torch_attention, "triton": triton_attention}
-MLP_FORWARD = {"torch": torch_mlp}
+MLP_FORWARD = {"torch": torch_mlp, "triton": triton_mlp}
 
 
 def rotary_tables(context: int, dims: int, base: float):
@@ -77,10 +87,7 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, cfg.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        impl = cfg.attn_impl
-        if impl == "auto":
-            impl = "triton" if q.is_cuda else "torch"
-        y = ATTENTION[impl](q, k, v)
+        y = ATTENTION[resolve_impl(cfg.attn_impl, q)](q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -97,7 +104,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(h, d, bias=cfg.bias)
 
     def forward(self, x):
-        return MLP_FORWARD[self.impl](self, x)
+        return MLP_FORWARD[resolve_impl(self.impl, x)](self, x)
 
 
 class Block(nn.Module):

@@ -1,0 +1,123 @@
+"""fused_mlp against an fp32/fp64 reference under the tolerance rule of test_attention, the
+module drop-in, and models trained with either MLP implementation."""
+import pytest
+import torch
+
+from kcap.kernels import GatedMLP, fused_mlp, mlp_reference
+from kcap.kernels.runtime import INTERPRET
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
+# (tokens M, in K, hidden N, out D): none a multiple of the 64x64x32 interpreter tiles but one.
+SHAPES = [(37, 48, 100, 40), (1, 64, 33, 64), (130, 96, 200, 72), (64, 64, 64, 64)]
+KINDS = [("gated", False), ("gated", True), ("gelu", True), ("silu", False)]
+
+
+def _params(shape, kind, bias, dtype, seed=0):
+    M, K, N, D = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w = {"w_up": torch.randn(N, K, generator=g) / K ** 0.5,
+         "w_down": torch.randn(D, N, generator=g) / N ** 0.5}
+    if kind == "gated":
+        w["w_gate"] = torch.randn(N, K, generator=g) / K ** 0.5
+    if bias:
+        w["b_up"], w["b_down"] = torch.randn(N, generator=g) * 0.1, torch.randn(D, generator=g) * 0.1
+        if kind == "gated":
+            w["b_gate"] = torch.randn(N, generator=g) * 0.1
+    act = "gelu" if kind == "gelu" else "silu"
+    return x.to(DEVICE, dtype), {k: v.to(DEVICE, dtype) for k, v in w.items()}, act
+
+
+def _grads(fn, x, w, act, dy):
+    x = x.detach().requires_grad_()
+    w = {k: v.detach().requires_grad_() for k, v in w.items()}
+    y = fn(x, **w, act=act)
+    names = ["x"] + sorted(w)
+    grads = torch.autograd.grad(y, [x] + [w[k] for k in sorted(w)], dy.to(y.dtype))
+    return {"y": y.detach(), **dict(zip(names, grads))}
+
+
+def _check(shape, kind, bias, dtype):
+    x, w, act = _params(shape, kind, bias, dtype)
+    dy = torch.randn(shape[0], shape[3], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    ref = _grads(mlp_reference, x.to(ref_dtype), {k: v.to(ref_dtype) for k, v in w.items()}, act,
+                 dy.to(ref_dtype))
+    low = _grads(mlp_reference, x, w, act, dy)
+    kern = _grads(fused_mlp, x, w, act, dy)
+    for name in ref:
+        assert kern[name].dtype == dtype and kern[name].shape == ref[name].shape
+        torch_err = (low[name].to(ref_dtype) - ref[name]).abs().max().item()
+        kernel_err = (kern[name].to(ref_dtype) - ref[name]).abs().max().item()
+        floor = ULP[dtype] * max(1.0, ref[name].abs().max().item())
+        assert kernel_err <= 2 * torch_err + floor, (name, kernel_err, torch_err, floor)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_matches_reference(shape, kind, bias, dtype):
+    _check(shape, kind, bias, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 is only right on a GPU")
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 768, 2048, 768)], ids=str)
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+def test_matches_reference_bf16_gpu(shape, kind, bias):
+    _check(shape, kind, bias, torch.bfloat16)
+
+
+def test_leading_dims_and_module_drop_in():
+    from kcap.models import model_config
+    from kcap.models.transformer import MLP
+
+    torch.manual_seed(0)
+    ref = MLP(model_config("llama-1-1", 100)).to(DEVICE)
+    fused = GatedMLP(64, ref.up.out_features).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())  # same keys, same shapes
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 64, device=DEVICE)
+    torch.testing.assert_close(fused(x), ref.down(torch.nn.functional.silu(ref.gate(x)) * ref.up(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    x, w, act = _params((5, 16, 32, 16), "gated", False, torch.float32)
+    with pytest.raises(ValueError, match="act must be"):
+        fused_mlp(x, **w, act="relu")
+    with pytest.raises(ValueError, match="w_up must be"):
+        fused_mlp(x[:, :8], **w)
+    with pytest.raises(ValueError, match="w_down must be"):
+        fused_mlp(x, w["w_up"], w["w_down"][:, :5], w["w_gate"])
+    with pytest.raises(TypeError, match="one dtype"):
+        fused_mlp(x.half(), **w)
+    with pytest.raises(ValueError, match="all biases or none"):
+        fused_mlp(x, w["w_up"], w["w_down"], b_up=torch.zeros(32, device=DEVICE))
+    with pytest.raises(ValueError, match="gated MLP uses silu"):
+        fused_mlp(x, **w, act="gelu")
+
+
+def test_torch_compile_fullgraph():
+    x, w, act = _params((9, 32, 40, 32), "gated", True, torch.float32)
+    x.requires_grad_()
+    f = torch.compile(lambda x: fused_mlp(x, **w, act=act).sum(), fullgraph=True, backend="aot_eager")
+    out = f(x)
+    out.backward()
+    torch.testing.assert_close(out, mlp_reference(x, **w, act=act).sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["gpt2-1-2", "llama-1-2", "llamaplain-1-2", "mistral-1-4", "gpt2moe-1-2"])
+def test_models_train_alike_with_either_mlp(tmp_path, model):
+    from kcap.train import DataConfig, TrainConfig, read_log, train
+
+    losses = {}
+    for impl in ("torch", "triton"):
+        cfg = TrainConfig(model=model, model_options={"mlp_impl": impl, "attn_impl": "torch"},
+                          data=DataConfig(n=40), exposures=2, window=128, batch_size=2, steps=4,
+                          log_every=1, checkpoint_every=0, eval_sample=8, device=DEVICE)
+        train(cfg, tmp_path / impl, progress=False)
+        losses[impl] = [r["loss"] for r in read_log(tmp_path / impl) if "loss" in r]
+    assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4)
