@@ -1,11 +1,12 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train", "attention", "mlp")
+SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
 parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+parser.add_argument("--run", help="quantization: an existing run folder instead of training one")
 args = parser.parse_args()
 if args.subject == "data":
     from bench import data
@@ -16,6 +17,12 @@ elif args.subject == "attention":
 elif args.subject == "mlp":
     from bench import mlp
     mlp.run(quick=args.quick)
+elif args.subject == "quant_matmul":
+    from bench import quant_matmul
+    quant_matmul.run(quick=args.quick)
+elif args.subject == "quantization":
+    from bench import quantization
+    quantization.run(args.run)
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)

@@ -2,7 +2,8 @@
 
   kcap demo [--out DIR]     the main job: train a small model on bioS, report bits learned
   kcap train CONFIG.toml    a real run (resumable with --resume; torchrun for several GPUs)
-  kcap eval CHECKPOINT      bits, R and accuracy of a checkpoint
+  kcap eval CHECKPOINT      bits, R and accuracy of a checkpoint (or a quantized folder)
+  kcap quantize CHECKPOINT  int8/int4 post-training quantization (round-to-nearest or GPTQ)
   kcap data bios|biod|junk  generate a data set, print what it holds, optionally write windows
   kcap data qa              print question/answer pairs
 """
@@ -40,10 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's bits of knowledge")
-    ev.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ev.add_argument("checkpoint", help="a run folder (its latest checkpoint), a checkpoint folder "
+                                       "or a folder written by kcap quantize")
     ev.add_argument("--sample", type=int, default=None, help="people to evaluate (default all)")
     ev.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     ev.add_argument("--json", help="also write the report to this JSON file")
+
+    qz = sub.add_parser("quantize", help="quantize a checkpoint's linear layers to int8/int4")
+    qz.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    qz.add_argument("--bits", type=int, choices=(8, 4), required=True, help="weight bits")
+    qz.add_argument("--method", choices=("rtn", "gptq"), default="gptq",
+                    help="round-to-nearest or GPTQ (default, calibrated on biographies)")
+    qz.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
+    qz.add_argument("--calibration", type=int, default=1000,
+                    help="biographies used to calibrate GPTQ (default 1000, as in the paper)")
+    qz.add_argument("--include-head", action="store_true", help="quantize an untied LM head too")
+    qz.add_argument("--out", required=True, help="folder for the quantized model")
 
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
@@ -188,19 +201,37 @@ def cmd_train(args):
 def cmd_eval(args):
     from kcap.evaluate_checkpoint import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, sample=args.sample, batch_size=args.batch_size)
+    report, info = evaluate_checkpoint(args.checkpoint, sample=args.sample, batch_size=args.batch_size)
     print(report.summary())
+    if "quantized" in info:
+        q = info["quantized"]
+        print(f"  quantized: int{q['bits']} {q['method']} ({len(q['layers'])} layers); stored "
+              f"{info['stored_bits']:,} bits -> {report.bits / info['stored_bits']:.4f} bits of "
+              "knowledge per stored bit")
     for attr, acc in report.attribute_accuracy.items():
         print(f"  {attr:<12} accuracy {acc['value']:.1%} (first token {acc['first_token']:.1%})")
     if args.json:
         from kcap.atomic import write_json
-        write_json(args.json, report.to_dict())
+        write_json(args.json, {**report.to_dict(), **{k: v for k, v in info.items() if k != "quantized"},
+                               "quantized": info.get("quantized")})
+
+
+def cmd_quantize(args):
+    from kcap.quantize_run import quantize_run
+
+    meta = quantize_run(args.checkpoint, args.out, args.bits, args.method, args.group_size,
+                        args.calibration, args.include_head)
+    print(f"quantized {len(meta['layers'])} layers to int{args.bits} ({args.method}) -> {args.out}; "
+          f"evaluate with: kcap eval {args.out}")
+    for name, why in meta["skipped"].items():
+        print(f"  left in floating point: {name} ({why})")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval,
+         "quantize": cmd_quantize}[args.command](args)
     except (ValueError, TypeError, RuntimeError) as err:
         print(f"kcap: error: {err}", file=sys.stderr)
         return 2

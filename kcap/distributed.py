@@ -50,6 +50,18 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
+    def all_min(self, value: int) -> int:
+        """The smallest ``value`` over all ranks."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.int64,
+                         device="cuda" if td.get_backend() == "nccl" else "cpu")
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+        return int(t.item())
+
     def barrier(self):
         if self.world > 1:
             import torch.distributed as td

@@ -1,4 +1,4 @@
-"""Evaluate a saved run: rebuild its data and model from config.json, load the weights."""
+"""Load a saved run (a training checkpoint, or a quantized one) and evaluate it."""
 from __future__ import annotations
 
 import json
@@ -8,33 +8,68 @@ from kcap import checkpoint
 from kcap.capacity import CapacityReport
 
 
-def evaluate_checkpoint(path, sample: int | None = None, batch_size: int = 16,
-                        device: str = "auto") -> CapacityReport:
-    """Bits, R, R_max and accuracy of a checkpoint (a run folder means its latest one)."""
-    import torch
-
+def _run_config(run_dir: Path):
     from kcap.config_file import config_from_dict
-    from kcap.evaluate import evaluate_capacity
-    from kcap.models import build_model, parameter_report
-    from kcap.train import build_data
 
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{run_dir}/config.json is missing or unreadable ({err})") from None
+    return config_from_dict(saved["config"], str(run_dir / "config.json"))
+
+
+def checkpoint_folder(path) -> Path:
+    """A checkpoint folder from a run folder (its latest checkpoint) or a checkpoint folder."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = checkpoint.latest(path) or path
     if not (path / "state.json").exists():
         raise ValueError(f"{path} is neither a run folder with checkpoints nor a checkpoint folder")
-    run_dir = path.parent.parent
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{run_dir}/config.json is missing or unreadable ({err})") from None
-    cfg = config_from_dict(saved["config"], str(run_dir / "config.json"))
+    return path
+
+
+def load_run(path, device: str = "auto"):
+    """(config, dataset, model, info) of a checkpoint, run folder or quantized folder.
+
+    ``info`` holds ``params_counted`` (of the unquantized architecture) and, for a quantized
+    model, ``quantized`` (its metadata) and ``stored_bits``.
+    """
+    import torch
+
+    from kcap.models import build_model, parameter_report
+    from kcap.train import build_data
+
+    path = Path(path)
+    quantized = (path / "quantized.json").exists()
+    if quantized:
+        meta = json.loads((path / "quantized.json").read_text())
+        run_dir = Path(meta["run_dir"])
+    else:
+        path = checkpoint_folder(path)
+        run_dir = path.parent.parent
+    cfg = _run_config(run_dir)
     ds, _, _ = build_data(cfg)
+    model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window, **cfg.model_options)
+    used = ds.used_token_ids()
+    info = {"params_counted": parameter_report(model, used)["counted"]}
+    if quantized:
+        from kcap.quantize import load_quantized, stored_bits
+        info["quantized"] = load_quantized(path, model)
+        info["stored_bits"] = stored_bits(model, used)
+    else:
+        checkpoint.load(path, model)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window, **cfg.model_options)
-    checkpoint.load(path, model)
-    model.to(dev).eval()
-    params = parameter_report(model, ds.used_token_ids())
-    return evaluate_capacity(lambda ids: model(ids)[0], ds, params["counted"], sample=sample,
-                             seed=cfg.seed, batch_size=batch_size, window=cfg.window, device=dev)
+    return cfg, ds, model.to(dev).eval(), info
+
+
+def evaluate_checkpoint(path, sample: int | None = None, batch_size: int = 16,
+                        device: str = "auto") -> tuple[CapacityReport, dict]:
+    """Bits, R, R_max and accuracy of a saved model; ``info`` as in load_run."""
+    from kcap.evaluate import evaluate_capacity
+
+    cfg, ds, model, info = load_run(path, device)
+    dev = next(iter(model.buffers()), next(model.parameters())).device
+    report = evaluate_capacity(lambda ids: model(ids)[0], ds, info["params_counted"], sample=sample,
+                               seed=cfg.seed, batch_size=batch_size, window=cfg.window, device=dev)
+    return report, info

@@ -238,6 +238,19 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
         model.train()
         return report
 
+    saved_step = step
+
+    def save(at: int):
+        nonlocal saved_step
+        states = dist.gather(stream.state_dict())
+        if dist.is_main:
+            checkpoint.save(run_dir, at, model, opt, {
+                "fingerprint": fingerprint, "streams": states,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                keep=cfg.keep_checkpoints)
+        dist.barrier()
+        saved_step = at
+
     bar = tqdm(total=steps, initial=step, unit="step", disable=not (progress and dist.is_main),
                dynamic_ncols=True)
     tokens_per_step = plan["batch_size"] * cfg.window
@@ -248,8 +261,11 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
         for group in opt.param_groups:
             group["lr"] = lr
         windows = stream.next_windows(plan["batch_per_rank"])
-        if len(windows) < plan["batch_per_rank"]:
-            break  # the exposures are used up (only when steps was set by hand)
+        # The last batch of the exposures may be partial; every rank stops together once
+        # any rank has nothing left (only possible when steps was set by hand, or on the
+        # ragged end of data-parallel shards).
+        if dist.all_min(len(windows)) == 0:
+            break
         tokens = torch.from_numpy(windows.tokens.astype(np.int64)).to(device)
         x, y = tokens[:, :-1], tokens[:, 1:].clone()
         y[y == PAD_ID] = -100
@@ -283,13 +299,9 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
                 bar.write(f"step {step}: {r.bits:,.0f} bits, R = {r.R:.3f} (R_max {r.R_max:.3f})")
             dist.barrier()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps:
-            states = dist.gather(stream.state_dict())
-            if dist.is_main:
-                checkpoint.save(run_dir, step, model, opt, {
-                    "fingerprint": fingerprint, "streams": states,
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-                    keep=cfg.keep_checkpoints)
-            dist.barrier()
+            save(step)
+    if saved_step != step:  # the data ended early: the final weights still get saved
+        save(step)
     bar.close()
     with torch.no_grad():  # lets tests check that data-parallel ranks hold the same weights
         checksums = dist.gather(float(sum(p.double().sum() for p in model.parameters())))

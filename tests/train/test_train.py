@@ -53,6 +53,13 @@ def test_tiny_model_learns_real_bits(tmp_path):
     assert report["capacity_ratio"] < report["capacity_ratio_max"]
     accuracy = report["metric"]["attribute_accuracy"]
     assert accuracy["major"]["value"] > 0.3
+    # Every planned step ran (the last batch is partial) and the final weights were saved:
+    # evaluating the saved checkpoint reproduces the report.
+    assert report["steps"] == report["planned_steps"]
+    assert checkpoint.latest(tmp_path / "learn").name == f"step-{report['steps']:08d}"
+    from kcap.evaluate_checkpoint import evaluate_checkpoint
+    again, _ = evaluate_checkpoint(tmp_path / "learn", device="cpu")
+    assert again.bits == pytest.approx(report["bits_learned"], rel=1e-12)
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):

@@ -1,0 +1,47 @@
+"""Weight-only quantized matmuls: W8A16 and W4A16 (group 128) against a bf16 torch.matmul
+(cuBLAS) in the same run, K = N = 4096 and 8192, M = 1 .. 16 (memory-bound; ideal ~2x and
+~3.9x) and M = 4096 (compute-bound). Without a GPU this says so and times an
+interpreter-sized case on the CPU (a harness check, not a speed figure).
+"""
+from __future__ import annotations
+
+import os
+
+from bench.harness import save, time_gpu, time_wall
+
+
+def run(quick: bool = False) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        print("no GPU: timing an interpreter-sized case on the CPU (checks the harness; the "
+              "numbers are not a speed claim)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kcap.kernels import quant_pack as qp
+    from kcap.kernels.quant_matmul import int4_matmul, int8_matmul
+
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
+    if gpu:
+        shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192)) for m in (1, 4, 16, 4096)]
+    else:
+        shapes = [(1, 256), (32, 256)]
+    timer = time_gpu if gpu else (lambda fn: time_wall(fn, repeats=3))
+    rows = []
+    for M, N in shapes:
+        K = N
+        w = torch.randn(N, K, device=device) / K ** 0.5
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        w16 = w.to(dtype)
+        q8, s8 = qp.quantize_int8(w)
+        q4, s4, z4 = qp.quantize_int4(w, 128)
+        providers = [("torch matmul", lambda: x @ w16.t()),
+                     ("kcap int8", lambda: int8_matmul(x, q8, s8)),
+                     ("kcap int4 g128", lambda: int4_matmul(x, q4, s4, z4, 128))]
+        case = f"M {M} K {K} N {N} {str(dtype)[6:]}"
+        for provider, fn in providers:
+            seconds = timer(fn)
+            rows.append({"case": case, "kernel": "quant_matmul", "provider": provider,
+                         "shape": [M, K, N], "dtype": str(dtype), "median_s": seconds,
+                         "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s"})
+    save("quant_matmul", rows, baseline="torch matmul")

@@ -1,0 +1,118 @@
+"""Packed formats (round trips, error bounds) and the W8A16 / W4A16 kernels against
+x @ dequant(W).T in fp32, under the tolerance rule of test_attention."""
+import pytest
+import torch
+
+from kcap.kernels import quant_pack as qp
+from kcap.kernels.quant_matmul import int4_matmul, int8_matmul, quant_matmul_reference
+from kcap.kernels.runtime import INTERPRET
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
+
+
+def test_int4_pack_round_trip_and_layout():
+    codes = torch.randint(0, 16, (7, 64), dtype=torch.uint8)
+    packed = qp.pack_int4(codes)
+    assert packed.shape == (7, 32) and packed.dtype == torch.uint8
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # low nibble first
+    assert torch.equal(qp.unpack_int4(packed), codes)
+    with pytest.raises(ValueError, match="even"):
+        qp.pack_int4(codes[:, :5])
+
+
+def test_int8_round_trip_error_bound():
+    w = torch.randn(33, 70)
+    q, s = qp.quantize_int8(w)
+    err = (qp.dequantize_int8(q, s) - w).abs()
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert (err <= s[:, None] / 2 + 1e-7).all()  # round to nearest: half a step
+    assert (qp.dequantize_int8(*qp.quantize_int8(torch.zeros(2, 4))) == 0).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_round_trip_error_bound(group):
+    w = torch.randn(9, 256) * torch.linspace(0.1, 3, 256)
+    q, s, z = qp.quantize_int4(w, group)
+    assert q.shape == (9, 128) and s.shape == z.shape == (9, 256 // group)
+    back = qp.dequantize_int4(q, s, z, group)
+    step = s.repeat_interleave(group, 1)
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="divisible"):
+        qp.quantize_int4(torch.randn(4, 96), 64)
+    with pytest.raises(ValueError, match="group_size must be"):
+        qp.quantize_int4(w, 16)
+
+
+needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+SHAPES = [(1, 33, 256), (5, 100, 128), (16, 64, 384), (17, 40, 128), (70, 96, 256)]  # (M, N, K)
+
+
+def _check(kind, M, N, K, dtype, group=64, bias=True):
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    w = torch.randn(N, K, generator=g)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    b = (torch.randn(N, generator=g) * 0.1).to(DEVICE, dtype) if bias else None
+    if kind == 8:
+        packed = [t.to(DEVICE) for t in qp.quantize_int8(w)]
+        kern = int8_matmul(x, *packed, bias=b)
+        wd = qp.dequantize_int8(*packed)
+    else:
+        packed = [t.to(DEVICE) for t in qp.quantize_int4(w, group)]
+        kern = int4_matmul(x, *packed, group, bias=b)
+        wd = qp.dequantize_int4(*packed, group)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    ref = x.to(ref_dtype) @ wd.to(ref_dtype).t() + (b.to(ref_dtype) if bias else 0)
+    low = torch.nn.functional.linear(x, wd.to(dtype), b)  # torch at the same precision
+    torch_err = (low.to(ref_dtype) - ref).abs().max().item()
+    kernel_err = (kern.to(ref_dtype) - ref).abs().max().item()
+    floor = ULP[dtype] * max(1.0, ref.abs().max().item())
+    assert kern.shape == (M, N) and kern.dtype == dtype
+    assert kernel_err <= 2 * torch_err + floor, (kernel_err, torch_err, floor)
+    reference = quant_matmul_reference(x, *packed, bias=b) if kind == 8 else \
+        quant_matmul_reference(x, *packed, group_size=group, bias=b)
+    assert torch.equal(reference, (x.float() @ wd.t() + (b.float() if bias else 0)).to(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("M, N, K", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("kind", [8, 4], ids=["int8", "int4"])
+def test_kernels_match_reference(kind, M, N, K, dtype):
+    _check(kind, M, N, K, dtype, group=64 if K % 64 == 0 else 32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_group_sizes_and_no_bias(group):
+    _check(4, 3, 40, 256, torch.float16, group=group, bias=False)
+    _check(4, 33, 40, 256, torch.float16, group=group, bias=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 is only right on a GPU")
+@pytest.mark.parametrize("M, N, K", SHAPES + [(1, 4096, 4096), (4096, 4096, 4096)], ids=str)
+@pytest.mark.parametrize("kind", [8, 4])
+def test_kernels_bf16_gpu(kind, M, N, K):
+    _check(kind, M, N, K, torch.bfloat16, group=128 if K % 128 == 0 else 64)
+
+
+@needs_kernels
+def test_leading_dims_and_bad_input():
+    w = torch.randn(40, 128)
+    q8, s8 = (t.to(DEVICE) for t in qp.quantize_int8(w))
+    x = torch.randn(2, 3, 128, device=DEVICE)
+    assert int8_matmul(x, q8, s8).shape == (2, 3, 40)
+    with pytest.raises(ValueError, match="features"):
+        int8_matmul(torch.randn(2, 64, device=DEVICE), q8, s8)
+    with pytest.raises(TypeError, match="int8"):
+        int8_matmul(x, q8.float(), s8)
+    with pytest.raises(TypeError, match="float16"):
+        int8_matmul(x.double(), q8, s8)
+    with pytest.raises(ValueError, match="scale must be"):
+        int8_matmul(x, q8, s8[:5])
+    q4, s4, z4 = (t.to(DEVICE) for t in qp.quantize_int4(w, 64))
+    with pytest.raises(ValueError, match="group_size"):
+        int4_matmul(x, q4, s4, z4, 48)
+    with pytest.raises(ValueError, match="zeros must be"):
+        int4_matmul(x, q4, s4, z4.float().to(torch.uint8)[:, :1], 64)
