@@ -4,9 +4,12 @@ This package depends on torch and triton only (never on the rest of kcap), so th
 file can be lifted into another project with ``runtime.py`` beside it. Kernels so far:
 ``flash_attention`` (forward and backward, causal, grouped-query) and ``fused_mlp`` /
 ``GatedMLP`` (gated SiLU, GELU or SiLU MLPs with the activation in the matmul epilogues).
-Weight-only int8/int4 matmuls and the MoE grouped GEMM land with their issues.
+``grouped_linear`` is the MoE experts' grouped GEMM; ``quant_matmul`` holds the weight-only
+int8/int4 matmuls (formats in ``quant_pack``).
 """
 from .attention import attention_reference, flash_attention
 from .gated_mlp import GatedMLP, fused_mlp, mlp_reference
+from .grouped_gemm import grouped_linear, grouped_linear_reference
 
-__all__ = ["flash_attention", "attention_reference", "fused_mlp", "mlp_reference", "GatedMLP"]
+__all__ = ["flash_attention", "attention_reference", "fused_mlp", "mlp_reference", "GatedMLP",
+           "grouped_linear", "grouped_linear_reference"]

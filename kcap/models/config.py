@@ -48,6 +48,7 @@ class ModelConfig:
     capacity_factor_train: float = 2.0
     capacity_factor_eval: float = 8.0
     aux_loss_coef: float = 0.01     # load balancing (Switch Transformer form)
+    router_impl: str = "auto"       # MoE router: auto (C++ when built, for CPU tensors) | cpp | torch
     attn_impl: str = "auto"
     mlp_impl: str = "auto"
     init_std: float = 0.02
@@ -84,6 +85,7 @@ class ModelConfig:
         need(self.capacity_factor_train > 0 and self.capacity_factor_eval > 0,
              "capacity factors must be > 0")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}")
+        need(self.router_impl in ("auto", "cpp", "torch"), "router_impl must be auto, cpp or torch")
         need(self.mlp_impl in MLP_IMPLS, f"mlp_impl must be one of {MLP_IMPLS}")
 
 

@@ -1,0 +1,171 @@
+"""MoE routing: one function, a C++ fast path (csrc/) and a plain torch reference.
+
+    route(logits, k, capacity_factor=2.0, block=64, impl="auto") -> Routing
+
+logits: (T, E) float32/float16/bfloat16, contiguous, finite (NaN or inf is a ValueError),
+E <= MAX_EXPERTS. Rules (both implementations, exactly):
+- probabilities: softmax over all E experts in fp32; the top k by logit (the probabilities'
+  order, free of their rounding), ties to the lower expert id;
+- gates: the top-k probabilities renormalised to sum to 1 when k > 1; with k = 1 the raw
+  probability (Switch Transformer: a renormalised single gate would always be 1);
+- capacity = ceil(capacity_factor * T * k / E) slots per expert (capacity_factor None:
+  dropless); slots are filled in (choice rank, token) order, so every first choice is
+  served before any second choice; assignments past capacity are marked ``dropped``;
+- slot s = t * k + j is token t's j-th choice; ``perm`` lists the kept slots sorted stably by
+  expert (token order within an expert), ``inverse[s]`` is s's position in perm (-1 if
+  dropped), ``offsets`` the exclusive prefix sums of the kept ``counts``;
+  ``padded_perm`` rounds each expert's run up to whole ``block``s (-1 marks padding) and
+  ``block_expert`` names each block's expert, for the grouped GEMM;
+- statistics: ``frac`` (fraction of all T*k assignments per expert, before drops),
+  ``mean_prob`` (mean router probability per expert), ``z_loss`` = mean(logsumexp^2).
+The router is not differentiated: the MoE recomputes differentiable gates and losses from
+the logits with torch ops on these indices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_EXPERTS = 1024
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@dataclass
+class Routing:
+    expert: torch.Tensor        # (T, k) int64
+    gate: torch.Tensor          # (T, k) float32
+    dropped: torch.Tensor       # (T, k) bool
+    counts: torch.Tensor        # (E,) int64 kept assignments per expert
+    offsets: torch.Tensor       # (E + 1,) int64
+    perm: torch.Tensor          # (n_kept,) int64 slot ids sorted by expert
+    inverse: torch.Tensor       # (T * k,) int64
+    padded_perm: torch.Tensor   # (n_padded,) int64, -1 = padding
+    block_expert: torch.Tensor  # (n_padded // block,) int64
+    capacity: int
+    frac: torch.Tensor          # (E,) float32
+    mean_prob: torch.Tensor     # (E,) float32
+    z_loss: float
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return ~self.dropped
+
+
+def _capacity(T: int, k: int, E: int, capacity_factor) -> int:
+    return T * k if capacity_factor is None else math.ceil(capacity_factor * T * k / E)
+
+
+def _check(logits, k, capacity_factor, block):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(f"router logits must be (T, E), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if not logits.is_contiguous():
+        raise ValueError("logits must be contiguous (call .contiguous())")
+    E = logits.shape[1]
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the number of experts must be in [1, {MAX_EXPERTS}], got {E}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, E={E}], got {k!r}")
+    if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor must be > 0 (or None: dropless), got {capacity_factor}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+
+
+def route(logits: torch.Tensor, k: int, capacity_factor: float | None = 2.0, block: int = 64,
+          impl: str = "auto") -> Routing:
+    """Route T tokens over E experts; see the module docstring. impl: auto | cpp | torch."""
+    _check(logits, k, capacity_factor, block)
+    if impl not in ("auto", "cpp", "torch"):
+        raise ValueError(f"impl must be auto, cpp or torch, got {impl!r}")
+    if impl == "torch" or (impl == "auto" and not cpp_available(logits.device)):
+        return route_reference(logits, k, capacity_factor, block)
+    if logits.device.type != "cpu":
+        raise RuntimeError(f"no C++ router for {logits.device.type} tensors in this kcap install "
+                           "(the CUDA router is not built yet); use impl='torch' or 'auto'")
+    if not cpp_available(logits.device):
+        raise RuntimeError("the C++ router (kcap._router_cpu) is not built: reinstall kcap with "
+                           "`pip install -e .` (it needs a C++ compiler); or use impl='torch'")
+    return _route_cpu(logits, k, capacity_factor, block)
+
+
+def cpp_available(device) -> bool:
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        import kcap._router_cpu
+    except ImportError:
+        return False
+    return kcap._router_cpu is not None
+
+
+def _route_cpu(logits, k, capacity_factor, block) -> Routing:
+    from kcap import _router_cpu as ext
+
+    T, E = logits.shape
+    n = T * k
+    i64 = dict(dtype=torch.int64)
+    expert, inverse, perm = torch.empty(n, **i64), torch.empty(n, **i64), torch.empty(n, **i64)
+    gate = torch.empty(n, dtype=torch.float32)
+    dropped = torch.empty(n, dtype=torch.uint8)
+    prob_sum = torch.empty(E, dtype=torch.float64)
+    counts, offsets = torch.empty(E, **i64), torch.empty(E + 1, **i64)
+    max_padded = n + E * (block - 1)
+    padded, block_expert = torch.empty(max_padded, **i64), torch.empty(max_padded // block + E, **i64)
+    scalars = torch.zeros(4, dtype=torch.float64)
+    capacity = _capacity(T, k, E, capacity_factor)
+    status = ext.route(logits.data_ptr(), _DTYPES[logits.dtype], T, E, k,
+                       -1 if capacity_factor is None else capacity, block, expert.data_ptr(),
+                       gate.data_ptr(), dropped.data_ptr(), prob_sum.data_ptr(), counts.data_ptr(),
+                       offsets.data_ptr(), perm.data_ptr(), inverse.data_ptr(), padded.data_ptr(),
+                       block_expert.data_ptr(), scalars.data_ptr(), torch.get_num_threads())
+    if status == ext.NON_FINITE:
+        raise ValueError("router logits contain NaN or inf")
+    if status != ext.OK:
+        raise ValueError(f"router rejected its arguments (status {status})")
+    z_sum, n_kept, n_padded, n_blocks = (int(v) if i else v for i, v in enumerate(scalars.tolist()))
+    frac = torch.bincount(expert, minlength=E).float() / max(n, 1)
+    return Routing(expert.view(T, k), gate.view(T, k), dropped.view(T, k).bool(), counts, offsets,
+                   perm[:n_kept], inverse, padded[:n_padded], block_expert[:n_blocks], capacity,
+                   frac, (prob_sum / max(T, 1)).float(), z_sum / max(T, 1))
+
+
+def route_reference(logits: torch.Tensor, k: int, capacity_factor: float | None = 2.0,
+                    block: int = 64) -> Routing:
+    """The routing rules in plain torch ops (softmax, stable sort, one-hot cumsum, bincount)."""
+    _check(logits, k, capacity_factor, block)
+    T, E = logits.shape
+    dev = logits.device
+    probs = torch.softmax(logits.float(), dim=-1)
+    if T and not torch.isfinite(logits).all():
+        raise ValueError("router logits contain NaN or inf")
+    expert = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    top = probs.gather(-1, expert)
+    gate = top / top.sum(-1, keepdim=True) if k > 1 else top
+    capacity = _capacity(T, k, E, capacity_factor)
+    rank_major = torch.nn.functional.one_hot(expert.t().reshape(-1), E)  # (k*T, E), (j, t) order
+    position = ((rank_major.cumsum(0) - 1) * rank_major).sum(-1).view(k, T).t()
+    dropped = position >= capacity
+    flat_expert, kept = expert.reshape(-1), ~dropped.reshape(-1)
+    counts = torch.bincount(flat_expert[kept], minlength=E)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), counts.cumsum(0)])
+    slots = torch.arange(T * k, device=dev)[kept]
+    perm = slots[torch.sort(flat_expert[kept], stable=True).indices]
+    inverse = torch.full((T * k,), -1, dtype=torch.int64, device=dev)
+    inverse[perm] = torch.arange(len(perm), device=dev)
+    blocks = (counts + block - 1) // block
+    padded_offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), (blocks * block).cumsum(0)])
+    padded = torch.full((int(padded_offsets[-1]),), -1, dtype=torch.int64, device=dev)
+    owner = flat_expert[perm]
+    padded[padded_offsets[owner] + torch.arange(len(perm), device=dev) - offsets[owner]] = perm
+    block_expert = torch.repeat_interleave(torch.arange(E, device=dev), blocks)
+    frac = torch.bincount(flat_expert, minlength=E).float() / max(T * k, 1)
+    z = float((torch.logsumexp(logits.float(), -1) ** 2).mean()) if T else 0.0
+    mean_prob = probs.mean(0) if T else torch.zeros(E, device=dev)
+    return Routing(expert, gate, dropped, counts, offsets, perm, inverse, padded, block_expert,
+                   capacity, frac, mean_prob, z)
