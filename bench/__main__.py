@@ -1,7 +1,7 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization")
+SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -23,6 +23,9 @@ elif args.subject == "quant_matmul":
 elif args.subject == "quantization":
     from bench import quantization
     quantization.run(args.run)
+elif args.subject == "moe":
+    from bench import moe
+    moe.run(quick=args.quick)
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)
