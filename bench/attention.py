@@ -8,9 +8,7 @@ CPU (a check that the harness runs, not a speed figure).
 """
 from __future__ import annotations
 
-import os
-
-from bench.harness import save, time_gpu, time_wall
+from bench.harness import kernel_device, save
 
 
 def _flops(B, H, T, D, causal, backward):
@@ -40,11 +38,8 @@ def _providers(gpu: bool):
 def run(quick: bool = False) -> None:
     import torch
 
-    gpu = torch.cuda.is_available()
+    gpu, timer = kernel_device()
     if not gpu:
-        print("no GPU: timing an interpreter-sized case on the CPU (checks the harness; the "
-              "numbers are not a speed claim)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         shapes, dtype = [(1, 4, 128, 64)], torch.float16
     else:
         dtype = torch.bfloat16
@@ -52,7 +47,6 @@ def run(quick: bool = False) -> None:
                   for T in ((512, 2048) if quick else (512, 1024, 2048, 4096, 8192))]
         shapes.append((64, 12, 512, 64))  # the paper's gpt2-12-12 attention
     device = "cuda" if gpu else "cpu"
-    timer = time_gpu if gpu else (lambda fn: time_wall(fn, repeats=3))
     rows = []
     for B, H, T, D in shapes:
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)

@@ -68,6 +68,19 @@ def time_wall(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def kernel_device() -> tuple[bool, object]:
+    """(gpu?, timer) for a kernel benchmark. Without a GPU: say so, switch Triton to its
+    interpreter (before any kernel module is imported) and time with the wall clock."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True, time_gpu
+    print("no GPU: timing an interpreter-sized case on the CPU (checks the harness; the "
+          "numbers are not a speed claim)")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return False, lambda fn: time_wall(fn, repeats=3)
+
+
 def time_gpu(fn) -> float:
     """Median seconds of ``fn()`` on the GPU (triton.testing.do_bench: warm-up, L2 flush)."""
     from triton.testing import do_bench

@@ -8,19 +8,13 @@ times an interpreter-sized case on the CPU (a harness check, not a speed figure)
 """
 from __future__ import annotations
 
-import os
-
-from bench.harness import save, time_gpu, time_wall
+from bench.harness import kernel_device, save
 
 
 def run(quick: bool = False) -> None:
     import torch
 
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        print("no GPU: timing an interpreter-sized case on the CPU (checks the harness; the "
-              "numbers are not a speed claim)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    gpu, timer = kernel_device()
     from kcap.kernels import fused_mlp, mlp_reference
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
@@ -33,7 +27,6 @@ def run(quick: bool = False) -> None:
     providers = [("eager torch", mlp_reference), ("kcap fused", fused_mlp)]
     if compiled is not None:
         providers.insert(1, ("torch.compile", compiled))
-    timer = time_gpu if gpu else (lambda fn: time_wall(fn, repeats=3))
     rows = []
     for tokens, d, hidden in shapes:
         x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)

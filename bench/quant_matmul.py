@@ -5,19 +5,13 @@ interpreter-sized case on the CPU (a harness check, not a speed figure).
 """
 from __future__ import annotations
 
-import os
-
-from bench.harness import save, time_gpu, time_wall
+from bench.harness import kernel_device, save
 
 
 def run(quick: bool = False) -> None:
     import torch
 
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        print("no GPU: timing an interpreter-sized case on the CPU (checks the harness; the "
-              "numbers are not a speed claim)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    gpu, timer = kernel_device()
     from kcap.kernels import quant_pack as qp
     from kcap.kernels.quant_matmul import int4_matmul, int8_matmul
 
@@ -26,7 +20,6 @@ def run(quick: bool = False) -> None:
         shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192)) for m in (1, 4, 16, 4096)]
     else:
         shapes = [(1, 256), (32, 256)]
-    timer = time_gpu if gpu else (lambda fn: time_wall(fn, repeats=3))
     rows = []
     for M, N in shapes:
         K = N
