@@ -1,8 +1,12 @@
 """Test-wide settings.
 
-TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
-first: the Triton kernels then run on CPU tensors through the interpreter.
+Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors: that needs
+TRITON_INTERPRET=1 before any @triton.jit function is defined, so it is set here, first.
+With a GPU, the kernels compile for it and the GPU-only tests (bf16, determinism) run.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
