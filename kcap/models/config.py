@@ -96,6 +96,18 @@ def resolve_impl(impl: str, x) -> str:
     return impl
 
 
+def under_autocast(*tensors):
+    """The tensors cast to the active autocast dtype (custom ops get no autocast of their own,
+    while the torch path's matmuls do), or unchanged when autocast is off."""
+    import torch
+
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
 def mistral_kv_heads(n_head: int) -> int:
     """The paper's rule: groups of 4 query heads per KV head if h % 4 == 0, 2 if h is even, else 1."""
     group = 4 if n_head % 4 == 0 else 2 if n_head % 2 == 0 else 1

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kcap.models.config import resolve_impl
+from kcap.models.config import resolve_impl, under_autocast
 from kcap.models.router import route
 
 BLOCK = 64  # rows per block of the grouped GEMM
@@ -86,9 +86,10 @@ class MoE(nn.Module):
         blocks = r.block_expert.to(x.device)
         valid = padded >= 0
         xs = x[padded.clamp(min=0) // k] * valid[:, None].to(x.dtype)
-        h = F.gelu(grouped_linear(xs, self.w1, self.b1, blocks, BLOCK))
-        y = grouped_linear(h, self.w2, self.b2, blocks, BLOCK)
+        xs, w1, b1, w2, b2 = under_autocast(xs, self.w1, self.b1, self.w2, self.b2)
+        h = F.gelu(grouped_linear(xs, w1, b1, blocks, BLOCK))
+        y = grouped_linear(h, w2, b2, blocks, BLOCK)
         slots = padded[valid]
         tok, choice = slots // k, slots % k
         out = torch.zeros_like(x)
-        return out.index_add_(0, tok, y[valid] * gate[tok, choice, None].to(y.dtype))
+        return out.index_add_(0, tok, (y[valid] * gate[tok, choice, None].to(y.dtype)).to(x.dtype))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kcap.models.config import ModelConfig, resolve_impl
+from kcap.models.config import ModelConfig, resolve_impl, under_autocast
 from kcap.models.moe import MoE
 
 
@@ -26,7 +26,7 @@ def triton_attention(q, k, v):
     """kcap.kernels.flash_attention (imported on first use: CPU-only runs never need it)."""
     from kcap.kernels import flash_attention
 
-    return flash_attention(q, k, v, causal=True)
+    return flash_attention(*under_autocast(q, k, v), causal=True)
 
 
 def torch_mlp(mlp: "MLP", x):
@@ -42,9 +42,9 @@ def triton_mlp(mlp: "MLP", x):
     from kcap.kernels import fused_mlp
 
     gated = mlp.kind == "gated"
-    return fused_mlp(x, mlp.up.weight, mlp.down.weight, mlp.gate.weight if gated else None,
-                     mlp.up.bias, mlp.down.bias, mlp.gate.bias if gated else None,
-                     act="gelu" if mlp.kind == "gelu" else "silu")
+    args = under_autocast(x, mlp.up.weight, mlp.down.weight, mlp.gate.weight if gated else None,
+                          mlp.up.bias, mlp.down.bias, mlp.gate.bias if gated else None)
+    return fused_mlp(*args, act="gelu" if mlp.kind == "gelu" else "silu")
 
 
 # The dispatch points: implementation name -> function.

@@ -121,3 +121,20 @@ def test_models_train_alike_with_either_mlp(tmp_path, model):
         train(cfg, tmp_path / impl, progress=False)
         losses[impl] = [r["loss"] for r in read_log(tmp_path / impl) if "loss" in r]
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-1-1", "gpt2moe-1-1"])
+def test_kernel_paths_follow_autocast(name):
+    from kcap.models import build_model
+
+    torch.manual_seed(0)
+    options = {"n_experts": 4} if "moe" in name else {}
+    fast = build_model(name, 100, mlp_impl="triton", attn_impl="triton", **options).to(DEVICE)
+    ref = build_model(name, 100, mlp_impl="torch", attn_impl="torch", **options).to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randint(0, 100, (2, 40), device=DEVICE)
+    low = torch.bfloat16 if CUDA else torch.float16
+    with torch.autocast(DEVICE, dtype=low):
+        a, b = fast(x)[0], ref(x)[0]
+    assert a.dtype == b.dtype == low  # the custom ops ran in the autocast dtype, like the torch path
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=8 * ULP[low] * b.abs().max().item())
