@@ -4,7 +4,8 @@
 
 x: (P, K) rows already permuted so that every run of ``block`` rows belongs to one expert
 (P = n_blocks * block, padding rows anywhere inside a run); block_expert: (n_blocks,) int64
-expert of each run; weight: (E, K, N); bias: (E, N) or None. y[r] = x[r] @ weight[e] + bias[e]
+expert of each run, non-decreasing, with -1 for unused trailing blocks (whose output rows
+are zero); weight: (E, K, N); bias: (E, N) or None. y[r] = x[r] @ weight[e] + bias[e]
 with e = block_expert[r // block]. One program per (row block, column tile) reads its
 expert's weight tile: no per-expert launches, no host synchronisation.
 
@@ -37,6 +38,8 @@ def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe,
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BLOCK_EXPERT + pid_b)
+    live = e >= 0  # -1: an unused block of a maximum-size layout; its rows are written as 0
+    e = tl.maximum(e, 0)
     rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -52,6 +55,7 @@ def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe,
         acc += tl.dot(x, w)
     if HAS_BIAS:
         acc += tl.load(BIAS + e * sbe + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where(live, acc, 0.0)
     tl.store(Y + rows[:, None] * sym + cols[None, :] * syn, acc.to(Y.dtype.element_ty),
              mask=cols[None, :] < N)
 
@@ -112,14 +116,18 @@ def _grouped_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_
     # dx = dy @ weight[e]^T: the same kernel, weight read as (E, N, K) through its strides.
     dx = _mm(dy, (weight.stride(0), weight.stride(2), weight.stride(1)), weight, None,
              block_expert, block, K, N)
+    # Rows per expert without a host sync (bincount would need one); -1 blocks are skipped.
+    blocks = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
+    blocks.scatter_add_(0, block_expert + 1, torch.ones_like(block_expert))
     seg = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
-    seg[1:] = (torch.bincount(block_expert, minlength=E) * block).cumsum(0)
+    seg[1:] = (blocks[1:] * block).cumsum(0)
+    # Unused (-1) blocks sit after every used one, so the experts' runs start at row 0.
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grid = lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _grouped_wgrad[grid](x, dy, seg, dw, N, K, *x.stride(), *dy.stride(), *dw.stride(), BLOCK_M=block)
     grads = [dx, dw]
-    if has_bias:
-        row_expert = block_expert.repeat_interleave(block)
+    if has_bias:  # unused blocks get dy = 0, so clamping their expert id to 0 adds nothing
+        row_expert = block_expert.clamp(min=0).repeat_interleave(block)
         grads.append(torch.zeros(E, N, dtype=torch.float32, device=x.device)
                      .index_add_(0, row_expert, dy.float()).to(dy.dtype))
     return grads
@@ -176,6 +184,9 @@ def grouped_linear_reference(x, weight, bias, block_expert, block: int):
     """Plain PyTorch: a loop over row blocks."""
     rows = []
     for b, e in enumerate(block_expert.tolist()):
+        if e < 0:  # an unused block
+            rows.append(x.new_zeros((block, weight.shape[2])))
+            continue
         y = x[b * block:(b + 1) * block] @ weight[e]
         rows.append(y + bias[e] if bias is not None else y)
     return torch.cat(rows) if rows else x.new_zeros((0, weight.shape[2]))

@@ -1,7 +1,7 @@
 """Mixture-of-experts MLP (GPT2-MoE): E experts of d -> hidden -> d (GELU) replacing the MLP.
 
-Routing goes through ``kcap.models.router.route`` (the C++ router on CPU when built, the
-torch reference otherwise; rules in router.py). The router is not differentiated: gates,
+Routing goes through ``kcap.models.router.route`` (the C++ router for the device when built,
+the torch reference otherwise; rules in router.py). The router is not differentiated: gates,
 the load-balancing loss aux = E * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e:
 mean router probability of e) and the z-loss are recomputed here with torch ops from the
 logits and the returned indices. Dropped assignments contribute nothing (the token's
@@ -84,12 +84,14 @@ class MoE(nn.Module):
         k = self.cfg.top_k
         padded = r.padded_perm.to(x.device)
         blocks = r.block_expert.to(x.device)
-        valid = padded >= 0
-        xs = x[padded.clamp(min=0) // k] * valid[:, None].to(x.dtype)
-        xs, w1, b1, w2, b2 = under_autocast(xs, self.w1, self.b1, self.w2, self.b2)
+        # No boolean indexing (it would wait for the GPU): padding rows (-1) read token 0 and
+        # are weighted by zero on the way back.
+        valid = (padded >= 0).to(x.dtype)
+        slots = padded.clamp(min=0)
+        tok, choice = slots // k, slots % k
+        xs, w1, b1, w2, b2 = under_autocast(x[tok] * valid[:, None], self.w1, self.b1, self.w2, self.b2)
         h = F.gelu(grouped_linear(xs, w1, b1, blocks, BLOCK))
         y = grouped_linear(h, w2, b2, blocks, BLOCK)
-        slots = padded[valid]
-        tok, choice = slots // k, slots % k
+        weight = gate[tok, choice] * valid
         out = torch.zeros_like(x)
-        return out.index_add_(0, tok, (y[valid] * gate[tok, choice, None].to(y.dtype)).to(x.dtype))
+        return out.index_add_(0, tok, (y * weight[:, None].to(y.dtype)).to(x.dtype))

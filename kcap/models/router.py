@@ -17,9 +17,19 @@ E <= MAX_EXPERTS. Rules (both implementations, exactly):
   ``padded_perm`` rounds each expert's run up to whole ``block``s (-1 marks padding) and
   ``block_expert`` names each block's expert, for the grouped GEMM;
 - statistics: ``frac`` (fraction of all T*k assignments per expert, before drops),
-  ``mean_prob`` (mean router probability per expert), ``z_loss`` = mean(logsumexp^2).
+  ``mean_prob`` (mean router probability per expert), ``z_loss`` = mean(logsumexp^2), a 0-d
+  tensor.
 The router is not differentiated: the MoE recomputes differentiable gates and losses from
 the logits with torch ops on these indices.
+
+Implementations: "cpp" runs csrc/router_cpu.cpp on CPU tensors and csrc/router_cuda.cu on
+CUDA tensors (when built); "torch" is ``route_reference``; "auto" takes the C++ one when it
+is built for the tensor's device. **The CUDA router never synchronises with the host**, so
+its variable-length outputs keep their maximum size: ``perm`` has T*k entries and
+``padded_perm`` / ``block_expert`` (ceil(T*k/block) + E) blocks, with -1 past their true
+end, and ``sizes`` holds (n_kept, n_padded, n_blocks) on the device. For the same reason it
+does not raise on non-finite logits: it drops every assignment of such tokens and counts
+them in ``non_finite`` (on the CPU, and in the reference, they are a ValueError).
 """
 from __future__ import annotations
 
@@ -46,7 +56,9 @@ class Routing:
     capacity: int
     frac: torch.Tensor          # (E,) float32
     mean_prob: torch.Tensor     # (E,) float32
-    z_loss: float
+    z_loss: torch.Tensor        # () float32
+    sizes: torch.Tensor | None = None       # (3,) int64 n_kept, n_padded, n_blocks (CUDA)
+    non_finite: torch.Tensor | None = None  # () int64 tokens with NaN/inf logits (CUDA)
 
     @property
     def keep(self) -> torch.Tensor:
@@ -85,23 +97,31 @@ def route(logits: torch.Tensor, k: int, capacity_factor: float | None = 2.0, blo
         raise ValueError(f"impl must be auto, cpp or torch, got {impl!r}")
     if impl == "torch" or (impl == "auto" and not cpp_available(logits.device)):
         return route_reference(logits, k, capacity_factor, block)
-    if logits.device.type != "cpu":
-        raise RuntimeError(f"no C++ router for {logits.device.type} tensors in this kcap install "
-                           "(the CUDA router is not built yet); use impl='torch' or 'auto'")
+    device = logits.device.type
+    if device not in ("cpu", "cuda"):
+        raise RuntimeError(f"no C++ router for {device} tensors; use impl='torch' or 'auto'")
     if not cpp_available(logits.device):
-        raise RuntimeError("the C++ router (kcap._router_cpu) is not built: reinstall kcap with "
-                           "`pip install -e .` (it needs a C++ compiler); or use impl='torch'")
+        what = ("kcap._router_cpu: reinstall with `pip install -e .` (needs a C++ compiler)"
+                if device == "cpu" else "kcap._router_cuda: it is built by `pip install -e .` "
+                "only where nvcc is found (see setup.py)")
+        raise RuntimeError(f"the C++ router for {device} is not built ({what}); or use impl='torch'")
+    if device == "cuda":
+        return _route_cuda(logits, k, capacity_factor, block)
     return _route_cpu(logits, k, capacity_factor, block)
 
 
 def cpp_available(device) -> bool:
-    if torch.device(device).type != "cpu":
+    """Whether the C++ router for this device was built into this install."""
+    import importlib
+
+    name = {"cpu": "kcap._router_cpu", "cuda": "kcap._router_cuda"}.get(torch.device(device).type)
+    if name is None:
         return False
     try:
-        import kcap._router_cpu
+        importlib.import_module(name)
     except ImportError:
         return False
-    return kcap._router_cpu is not None
+    return True
 
 
 def _route_cpu(logits, k, capacity_factor, block) -> Routing:
@@ -132,7 +152,43 @@ def _route_cpu(logits, k, capacity_factor, block) -> Routing:
     frac = torch.bincount(expert, minlength=E).float() / max(n, 1)
     return Routing(expert.view(T, k), gate.view(T, k), dropped.view(T, k).bool(), counts, offsets,
                    perm[:n_kept], inverse, padded[:n_padded], block_expert[:n_blocks], capacity,
-                   frac, (prob_sum / max(T, 1)).float(), z_sum / max(T, 1))
+                   frac, (prob_sum / max(T, 1)).float(), torch.tensor(z_sum / max(T, 1)))
+
+
+def _route_cuda(logits, k, capacity_factor, block) -> Routing:
+    from kcap import _router_cuda as ext
+
+    T, E = logits.shape
+    n, dev = T * k, logits.device
+    max_blocks = -(-n // block) + E
+    chunks = -(-n // 256)
+
+    def new(size, dtype=torch.int64):
+        return torch.empty(size, dtype=dtype, device=dev)
+
+    expert, gate, zterm = new(n), new(n, torch.float32), new(T, torch.float32)
+    bad, dropped = new(T, torch.uint8), new(n, torch.uint8)
+    hist, base = new(max(chunks, 1) * E), new(max(chunks, 1) * E)
+    total, counts, offsets, pad_offsets = new(E), new(E), new(E + 1), new(E + 1)
+    perm, inverse = new(n), new(n)
+    padded, block_expert = new(max_blocks * block), new(max_blocks)
+    sizes, status = new(3), new(1)
+    capacity = _capacity(T, k, E, capacity_factor)
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    code = ext.route_cuda(_DTYPES[logits.dtype], T, E, k, -1 if capacity_factor is None else capacity,
+                          block, max_blocks, torch.cuda.current_stream(dev).cuda_stream, ptr(logits),
+                          ptr(expert), ptr(gate), ptr(zterm), ptr(bad), ptr(dropped), ptr(hist),
+                          ptr(base), ptr(total), ptr(counts), ptr(offsets), ptr(pad_offsets),
+                          ptr(perm), ptr(inverse), ptr(padded), ptr(block_expert), ptr(sizes),
+                          ptr(status))
+    if code != 0:
+        raise RuntimeError(f"the CUDA router failed to launch (code {code})")
+    frac = total.float() / max(n, 1)
+    mean_prob = torch.softmax(logits.float(), dim=-1).mean(0) if T else torch.zeros(E, device=dev)
+    z = zterm.mean() if T else torch.zeros((), device=dev)
+    return Routing(expert.view(T, k), gate.view(T, k), dropped.view(T, k).bool(), counts, offsets,
+                   perm, inverse, padded, block_expert, capacity, frac, mean_prob, z, sizes,
+                   status[0])
 
 
 def route_reference(logits: torch.Tensor, k: int, capacity_factor: float | None = 2.0,
@@ -165,7 +221,7 @@ def route_reference(logits: torch.Tensor, k: int, capacity_factor: float | None 
     padded[padded_offsets[owner] + torch.arange(len(perm), device=dev) - offsets[owner]] = perm
     block_expert = torch.repeat_interleave(torch.arange(E, device=dev), blocks)
     frac = torch.bincount(flat_expert, minlength=E).float() / max(T * k, 1)
-    z = float((torch.logsumexp(logits.float(), -1) ** 2).mean()) if T else 0.0
+    z = (torch.logsumexp(logits.float(), -1) ** 2).mean() if T else torch.zeros((), device=dev)
     mean_prob = probs.mean(0) if T else torch.zeros(E, device=dev)
     return Routing(expert, gate, dropped, counts, offsets, perm, inverse, padded, block_expert,
                    capacity, frac, mean_prob, z)

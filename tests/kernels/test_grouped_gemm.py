@@ -78,3 +78,15 @@ def test_tiny_gpt2_moe_trains_alike_on_the_fast_path(tmp_path):
         train(cfg, tmp_path / name, progress=False)
         losses[name] = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
     assert losses["reference"] == pytest.approx(losses["fast"], rel=1e-4)
+
+
+def test_unused_trailing_blocks_give_zero_rows_and_no_gradient():
+    # The CUDA router's maximum-size layout ends in blocks marked -1.
+    x, w, b, _, dy = _case(3, 32, 48, 4, 16, torch.float32, True)
+    be = torch.tensor([0, 2, -1, -1])
+    dy[32:] = 0  # what the MoE sends back for unused rows
+    kern = _grads(grouped_linear, x, w, b, be, 16, dy)
+    ref = _grads(grouped_linear_reference, x, w, b, be, 16, dy)
+    assert (kern[0][32:] == 0).all()
+    for a, r in zip(kern, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
