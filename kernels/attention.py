@@ -36,6 +36,16 @@ HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@triton.jit
+def _tile(base, rows, row_stride, cols, col_stride, n_rows):
+    """The (rows x cols) tile at base, rows >= n_rows read as 0; fp32 under the interpreter."""
+    t = tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                mask=rows[:, None] < n_rows, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
 # --- forward -----------------------------------------------------------------------------
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo, hi, S,
@@ -45,16 +55,14 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
-            k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd,
-                        mask=cols[:, None] < S, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
-                        mask=cols[:, None] < S, other=0.0)
+            k = _tile(k_base, cols, sks, offs_d, skd, S)
+            v = _tile(v_base, cols, svs, offs_d, svd, S)
         else:
             k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd)
             v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             valid = cols[None, :] < S
@@ -92,10 +100,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     kv = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=offs_m[:, None] < T, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, sqd, T)
     k_base = K + b * skb + kv * skh
     v_base = V + b * svb + kv * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -159,13 +164,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_s = cols[:, None] < S
-    k = tl.load(K + b * skb + kv * skh + cols[:, None] * sks + offs_d[None, :] * skd,
-                mask=in_s, other=0.0)
-    v = tl.load(V + b * svb + kv * svh + cols[:, None] * svs + offs_d[None, :] * svd,
-                mask=in_s, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _tile(K + b * skb + kv * skh, cols, sks, offs_d, skd, S)
+    v = _tile(V + b * svb + kv * svh, cols, svs, offs_d, svd, S)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     start = 0
@@ -176,13 +176,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         for start_m in range(start, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             rows = offs_m < T
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                        mask=rows[:, None], other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
-                         mask=rows[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, sqd, T)
+            do = _tile(DO + b * sdb + h * sdh, offs_m, sdt, offs_d, sdd, T)
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=rows, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=rows, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
@@ -216,13 +211,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < T
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
-                 mask=rows[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, sqd, T)
+    do = _tile(DO + b * sdb + h * sdh, offs_m, sdt, offs_d, sdd, T)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=rows, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -231,14 +221,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        in_s = cols[:, None] < S
-        k = tl.load(K + b * skb + kv * skh + cols[:, None] * sks + offs_d[None, :] * skd,
-                    mask=in_s, other=0.0)
-        v = tl.load(V + b * svb + kv * svh + cols[:, None] * svs + offs_d[None, :] * svd,
-                    mask=in_s, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _tile(K + b * skb + kv * skh, cols, sks, offs_d, skd, S)
+        v = _tile(V + b * svb + kv * svh, cols, svs, offs_d, svd, S)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         valid = rows[:, None] & (cols[None, :] < S)
         if CAUSAL:
