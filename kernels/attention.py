@@ -142,6 +142,18 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H, T
     tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
+@triton.jit
+def _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL: tl.constexpr):
+    """Recomputed probabilities P (zero outside the sequences and, if causal, above the
+    diagonal) and dS = P * (dO V^T - delta) of one (query block, key block) tile."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    valid = (offs_m[:, None] < T) & (cols[None, :] < S)
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= offs_m[:, None])
+    p = tl.where(valid, p, 0.0)
+    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+
+
 def _bwd_configs():
     return configs([config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                     config(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -180,14 +192,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
             do = _tile(DO + b * sdb + h * sdh, offs_m, sdt, offs_d, sdd, T)
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=rows, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=rows, other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            valid = rows[:, None] & (cols[None, :] < S)
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
+            p, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL)
             dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q)
     tl.store(DK + b * sdkb + kv * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_s)
@@ -223,13 +229,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K + b * skb + kv * skh, cols, sks, offs_d, skd, S)
         v = _tile(V + b * svb + kv * svh, cols, svs, offs_d, svd, S)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        valid = rows[:, None] & (cols[None, :] < S)
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        _, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL)
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
