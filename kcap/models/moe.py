@@ -1,15 +1,15 @@
 """Mixture-of-experts MLP (GPT2-MoE): E experts of d -> hidden -> d (GELU) replacing the MLP.
 
 Routing goes through ``kcap.models.router.route`` (the C++ router for the device when built,
-the torch reference otherwise; rules in router.py). The router is not differentiated: gates,
-the load-balancing loss aux = E * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e:
-mean router probability of e) and the z-loss are recomputed here with torch ops from the
-logits and the returned indices. Dropped assignments contribute nothing (the token's
-residual stream passes unchanged).
+the torch reference otherwise; rules in router.py). The router is not differentiated: the
+gates and the load-balancing loss aux = E * sum_e f_e * P_e (f_e: fraction of assignments
+to e, P_e: mean router probability of e) are recomputed here with torch ops from the logits
+and the returned indices. The router's z-loss is reported (``last_routing.z_loss``), not
+trained on. Dropped assignments contribute nothing (the token's residual stream passes).
 
-Experts: ``expert_impl`` "grouped" runs the Triton grouped GEMM over the block-padded
-permutation (one launch per matmul for all experts); "loop" is the plain per-expert
-reference; "auto" is grouped on CUDA tensors and loop elsewhere (``mlp_impl`` of the config).
+Experts follow the config's ``mlp_impl``: "triton" runs the Triton grouped GEMM over the
+block-padded permutation (one launch per matmul for all experts), "torch" the plain loop
+over experts (the reference), "auto" the first on CUDA tensors and the second elsewhere.
 """
 from __future__ import annotations
 
