@@ -68,9 +68,12 @@ class Dist:
             td.barrier()
 
     def shutdown(self):
+        """Leave the process group together: a rank that tears down while another still works
+        (rank 0 evaluating and writing the report) was seen to abort in gloo's destructor."""
         if self.world > 1:
             import torch.distributed as td
             if td.is_initialized():
+                td.barrier()
                 td.destroy_process_group()
 
 
