@@ -16,7 +16,6 @@ the quantizer reaches the group, from the already-updated weights).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -249,7 +248,3 @@ def load_quantized(path, model) -> dict:
         raise ValueError(f"{path}: tensors do not fit the model (missing {sorted(missing)[:4]}, "
                          f"unexpected {sorted(unexpected)[:4]})")
     return meta
-
-
-def bits_per_stored_bit(bits_learned: float, stored: int) -> float:
-    return bits_learned / stored if stored else math.nan
