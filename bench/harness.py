@@ -40,7 +40,8 @@ def environment() -> dict:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, cwd=RESULTS.parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = None
+        # a copy of the tree without .git (the lent GPU machine): the caller names the commit
+        env["git_commit"] = os.environ.get("KCAP_GIT_COMMIT")
     for module in ("numpy", "torch", "triton"):
         try:
             env[module] = __import__(module).__version__

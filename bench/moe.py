@@ -1,5 +1,6 @@
 """MoE: the C++ router against the torch reference router (softmax + stable sort + one-hot
-cumsum + bincount) at T = 65,536, E = 32, k = 1 and 2 on the CPU; on a GPU also the full
+cumsum + bincount) at T = 65,536, E = 32, k = 1 and 2 on the CPU; on a GPU also the CUDA router against the same reference on
+the GPU, and the full
 MoE layer forward+backward (32 experts, d = 512 and 1024, top-1, 16K tokens), the Triton
 grouped GEMM against the torch loop over experts. One run, ratios against the baselines.
 """
@@ -27,6 +28,18 @@ def run(quick: bool = False) -> None:
                          "throughput": 65_536 / seconds, "unit": "tokens/s"})
     if torch.cuda.is_available():
         from kcap.models import build_model
+
+        gpu_logits = logits.cuda()
+        for k in (1, 2):
+            case = f"router cuda T 65536 E 32 k {k}"
+            providers = [("torch reference", lambda: route_reference(gpu_logits, k, 2.0))]
+            if cpp_available("cuda"):
+                providers.append(("kcap CUDA", lambda: route(gpu_logits, k, 2.0, impl="cpp")))
+            for provider, fn in providers:
+                seconds = time_gpu(fn)
+                rows.append({"case": case, "kernel": "moe_router", "provider": provider,
+                             "shape": [65_536, 32, k], "dtype": "float32", "median_s": seconds,
+                             "throughput": 65_536 / seconds, "unit": "tokens/s"})
 
         for d in (512, 1024):
             case = f"moe layer fwd+bwd bf16 tokens 16384 d {d} E 32 top-1"
