@@ -10,9 +10,11 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 LOGS=${LOGS:-${OUT:-/tmp/kcap-gpu}}
 mkdir -p "$LOGS"
-if ! python3 -c "import kcap" 2>/dev/null; then
+# once per machine (`import kcap` alone proves nothing: the repo root is on sys.path)
+if [ ! -e /tmp/kcap-installed ]; then
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$LOGS/install.log" 2>&1 \
     || { echo "install failed:"; tail -20 "$LOGS/install.log"; exit 1; }
+  touch /tmp/kcap-installed
 fi
 [ -s "$LOGS/gpu.txt" ] || {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
