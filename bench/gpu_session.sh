@@ -16,7 +16,7 @@ if [ ! -e /tmp/kcap-installed ]; then
     || { echo "install failed:"; tail -20 "$LOGS/install.log"; exit 1; }
   touch /tmp/kcap-installed
 fi
-[ -s "$LOGS/gpu.txt" ] || {
+{
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import kcap.models.router as r; print('cpp router: cpu', r.cpp_available('cpu'), 'cuda', r.cpp_available('cuda'))"
@@ -24,8 +24,10 @@ fi
 stage=${1:-tests}
 shift || true
 if [ "$stage" = tests ]; then
-  python3 -m pytest tests/kernels tests/models -q -p no:cacheprovider --durations=15 -rfE "$@" 2>&1 \
-    | tee "$LOGS/gpu-tests.log"
+  # straight to the file (no pipe): a stage killed by `timeout` still leaves its log
+  python3 -m pytest tests/kernels tests/models -v -p no:cacheprovider --durations=15 -rfE \
+    --tb=short "$@" > "$LOGS/gpu-tests.log" 2>&1
+  grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
 elif [ "$stage" = bench ]; then
   subjects=("$@")
   [ "${subjects[0]:-all}" = all ] && subjects=(attention mlp quant_matmul moe train)

@@ -15,9 +15,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 UPCAST = INTERPRET
 
 
+# KCAP_AUTOTUNE=0 keeps the first config on a GPU too: each new shape then compiles one
+# kernel instead of timing every candidate (the GPU tests run many small shapes).
+AUTOTUNE = os.environ.get("KCAP_AUTOTUNE", "1") != "0"
+
+
 def configs(candidates: list) -> list:
-    """Autotuning candidates, or only the first one under the interpreter."""
-    return candidates[:1] if INTERPRET else candidates
+    """Autotuning candidates, or only the first one (interpreter, or KCAP_AUTOTUNE=0)."""
+    return candidates if AUTOTUNE and not INTERPRET else candidates[:1]
 
 
 def config(**kwargs) -> "triton.Config":

@@ -10,3 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # one config per kernel: autotuning every small test shape costs minutes of compiling
+    # (KCAP_AUTOTUNE=1 tests the tuned path instead; the benchmarks always tune)
+    os.environ.setdefault("KCAP_AUTOTUNE", "0")
