@@ -26,6 +26,8 @@ class Dist:
         if wanted == "auto":
             wanted = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
         device = torch.device(wanted)
+        if device.type == "cuda" and device.index is None:  # set_device needs an index
+            device = torch.device("cuda", self.local_rank)
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(f"device {wanted!r} asked for, but CUDA is not available")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import UPCAST as _UPCAST_FLAG, check_device, config, configs
+from .runtime import UPCAST as _UPCAST_FLAG, check_device, config, configs, dot_precision
 
 LOG2E = 1.4426950408889634
 UPCAST = tl.constexpr(_UPCAST_FLAG)  # a global the kernels may read (must be constexpr)
@@ -50,7 +50,7 @@ def _tile(base, rows, row_stride, cols, col_stride, n_rows):
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo, hi, S,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr):
+               CAUSAL: tl.constexpr, DOT: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -63,7 +63,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo,
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
         if MASKED:
             valid = cols[None, :] < S
             if CAUSAL:
@@ -73,7 +73,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -91,7 +91,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                 sob, soh, sot, sod,
                 H, GROUP, T, S, qk_scale,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -114,9 +114,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
         full = tl.minimum(full, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
-                               0, full, S, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)
+                               0, full, S, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, DOT)
     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
-                               full, hi, S, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)
+                               full, hi, S, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT)
     acc = acc / l_i[:, None]
     rows = offs_m < T
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
@@ -143,15 +143,16 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H, T
 
 
 @triton.jit
-def _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL: tl.constexpr):
+def _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL: tl.constexpr,
+                DOT: tl.constexpr):
     """Recomputed probabilities P (zero outside the sequences and, if causal, above the
     diagonal) and dS = P * (dO V^T - delta) of one (query block, key block) tile."""
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale - lse[:, None])
     valid = (offs_m[:, None] < T) & (cols[None, :] < S)
     if CAUSAL:
         valid = valid & (cols[None, :] <= offs_m[:, None])
     p = tl.where(valid, p, 0.0)
-    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return p, p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
 
 
 def _bwd_configs():
@@ -167,7 +168,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      sdb, sdh, sdt, sdd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
                      H, KV, GROUP, T, S, qk_scale, scale,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
@@ -192,9 +193,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
             do = _tile(DO + b * sdb + h * sdh, offs_m, sdt, offs_d, sdd, T)
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=rows, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=rows, other=0.0)
-            p, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            p, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL, DOT)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
     tl.store(DK + b * sdkb + kv * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_s)
     tl.store(DV + b * sdvb + kv * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
@@ -207,7 +208,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    sdb, sdh, sdt, sdd, sdqb, sdqh, sdqt, sdqd,
                    H, GROUP, T, S, qk_scale, scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -229,8 +230,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K + b * skb + kv * skh, cols, sks, offs_d, skd, S)
         v = _tile(V + b * svb + kv * svh, cols, svs, offs_d, svd, S)
-        _, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL)
-        dq += tl.dot(ds.to(k.dtype), k)
+        _, ds = _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL, DOT)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
@@ -246,7 +247,8 @@ def _forward(q, k, v, causal: bool, scale: float):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     _fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                      H, H // KV, T, S, scale * LOG2E, HEAD_DIM=D, CAUSAL=causal)
+                      H, H // KV, T, S, scale * LOG2E, HEAD_DIM=D, CAUSAL=causal,
+                      DOT=dot_precision(q.dtype))
     return o, lse
 
 
@@ -259,14 +261,14 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    qk_scale = scale * LOG2E
+    qk_scale, dot = scale * LOG2E, dot_precision(q.dtype)
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * KV)](
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *dk.stride(), *dv.stride(), H, KV, H // KV, T, S, qk_scale, scale, HEAD_DIM=D,
-        CAUSAL=causal)
+        CAUSAL=causal, DOT=dot)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dq.stride(), H, H // KV, T, S, qk_scale, scale, HEAD_DIM=D, CAUSAL=causal)
+        *dq.stride(), H, H // KV, T, S, qk_scale, scale, HEAD_DIM=D, CAUSAL=causal, DOT=dot)
     return dq, dk, dv
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .runtime import UPCAST as _UPCAST_FLAG
-from .runtime import check_device, config, configs
+from .runtime import check_device, config, configs, dot_precision
 
 UPCAST = tl.constexpr(_UPCAST_FLAG)
 ACTS = ("silu", "gelu")
@@ -68,7 +68,7 @@ def _epilogue_gemm(A, B1, B2, BIAS1, BIAS2, P1, P2, OUT, OUT1, OUT2,
                    M, N, K, sam, sak, sb1k, sb1n, sb2k, sb2n,
                    MODE: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   GROUP_M: tl.constexpr, DOT: tl.constexpr):
     """acc1 = A @ B1 (and acc2 = A @ B2 when gated-forward); A: (M, K), B: (K, N) by strides.
 
     MODE FWD_GATED: g = acc1 + bias1, u = acc2 + bias2 -> OUT = silu(g) * u, OUT1 = g, OUT2 = u
@@ -99,12 +99,12 @@ def _epilogue_gemm(A, B1, B2, BIAS1, BIAS2, P1, P2, OUT, OUT1, OUT2,
         if UPCAST:
             a = a.to(tl.float32)
             b1 = b1.to(tl.float32)
-        acc1 += tl.dot(a, b1)
+        acc1 += tl.dot(a, b1, input_precision=DOT)
         if MODE == 0:
             b2 = tl.load(B2 + ks[:, None] * sb2k + offs_n[None, :] * sb2n, mask=b_mask, other=0.0)
             if UPCAST:
                 b2 = b2.to(tl.float32)
-            acc2 += tl.dot(a, b2)
+            acc2 += tl.dot(a, b2, input_precision=DOT)
     tile = offs_m[:, None] * N + offs_n[None, :]
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     dtype = OUT.dtype.element_ty
@@ -151,7 +151,7 @@ def _launch(mode, a, b1, b2, bias1, bias2, p1, p2, n, gelu, transpose_b):
         dummy if bias2 is None else bias2, dummy if p1 is None else p1,
         dummy if p2 is None else p2, out, out1, out2,
         M, n, K, a.stride(0), a.stride(1), *sb1, *sb2,
-        MODE=mode, GELU=gelu, HAS_BIAS=bias1 is not None)
+        MODE=mode, GELU=gelu, HAS_BIAS=bias1 is not None, DOT=dot_precision(a.dtype))
     return out, out1, out2
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .runtime import UPCAST as _UPCAST_FLAG
-from .runtime import check_device, config, configs
+from .runtime import check_device, config, configs, dot_precision
 
 UPCAST = tl.constexpr(_UPCAST_FLAG)
 
@@ -34,7 +34,7 @@ UPCAST = tl.constexpr(_UPCAST_FLAG)
 @triton.jit
 def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe, sym, syn,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, DOT: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BLOCK_EXPERT + pid_b)
@@ -52,7 +52,7 @@ def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe,
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, w, input_precision=DOT)
     if HAS_BIAS:
         acc += tl.load(BIAS + e * sbe + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     acc = tl.where(live, acc, 0.0)
@@ -66,7 +66,8 @@ def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe,
                  key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _grouped_wgrad(X, DY, SEG, DW, N, K, sxm, sxk, sym, syn, swe, swk, swn,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT: tl.constexpr):
     e = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -82,7 +83,7 @@ def _grouped_wgrad(X, DY, SEG, DW, N, K, sxm, sxk, sym, syn, swe, swk, swn,
         if UPCAST:
             x = x.to(tl.float32)
             dy = dy.to(tl.float32)
-        acc += tl.dot(tl.trans(x), dy)
+        acc += tl.dot(tl.trans(x), dy, input_precision=DOT)
     tl.store(DW + e * swe + ks[:, None] * swk + cols[None, :] * swn, acc.to(DW.dtype.element_ty),
              mask=(ks[:, None] < K) & (cols[None, :] < N))
 
@@ -92,7 +93,7 @@ def _mm(x, w_strides, w, bias, block_expert, block, n, k):
     grid = lambda meta: (len(block_expert), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _grouped_mm[grid](x, w, bias if bias is not None else w, block_expert, y, n, k, *x.stride(),
                       *w_strides, bias.stride(0) if bias is not None else 0, *y.stride(),
-                      HAS_BIAS=bias is not None, BLOCK_M=block)
+                      HAS_BIAS=bias is not None, BLOCK_M=block, DOT=dot_precision(x.dtype))
     return y
 
 
@@ -124,7 +125,8 @@ def _grouped_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_
     # Unused (-1) blocks sit after every used one, so the experts' runs start at row 0.
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grid = lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _grouped_wgrad[grid](x, dy, seg, dw, N, K, *x.stride(), *dy.stride(), *dw.stride(), BLOCK_M=block)
+    _grouped_wgrad[grid](x, dy, seg, dw, N, K, *x.stride(), *dy.stride(), *dw.stride(), BLOCK_M=block,
+                         DOT=dot_precision(x.dtype))
     grads = [dx, dw]
     if has_bias:  # unused blocks get dy = 0, so clamping their expert id to 0 adds nothing
         row_expert = block_expert.clamp(min=0).repeat_interleave(block)

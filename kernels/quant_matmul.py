@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .quant_pack import check_group_size, dequantize_int4, dequantize_int8
 from .runtime import INTERPRET, check_device, config, configs
-from .runtime import UPCAST as _UPCAST_FLAG
+from .runtime import UPCAST as _UPCAST_FLAG, dot_precision
 
 UPCAST = tl.constexpr(_UPCAST_FLAG)
 SMALL_M = 16
@@ -32,7 +32,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
              BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             DOT: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -54,7 +55,7 @@ def _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ss
                         mask=in_n[:, None] & (ks[None, :] < k_hi), other=0).to(tl.float32)
             if UPCAST:
                 x = x.to(tl.float32)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT)
         acc = acc * tl.load(S + offs_n * ssn, mask=in_n, other=0.0)[None, :]
     else:
         half = tl.arange(0, BLOCK_K // 2)
@@ -73,8 +74,8 @@ def _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ss
             if UPCAST:
                 x_even = x_even.to(tl.float32)
                 x_odd = x_odd.to(tl.float32)
-            part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype)))
-            part += tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
+            part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype)), input_precision=DOT)
+            part += tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)), input_precision=DOT)
             acc += part * scale[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
     inside = in_m & in_n[None, :]
@@ -94,10 +95,10 @@ def _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ss
 @triton.jit
 def _wq_small(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
               BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_K: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT: tl.constexpr,
               BLOCK_N: tl.constexpr):
     _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
-             BITS, GROUP, SPLIT, HAS_BIAS, 16, BLOCK_N, BLOCK_K)
+             BITS, GROUP, SPLIT, HAS_BIAS, 16, BLOCK_N, BLOCK_K, DOT)
 
 
 @triton.autotune(configs=configs([config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -108,10 +109,10 @@ def _wq_small(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, s
 @triton.jit
 def _wq_large(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
               BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_K: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
-             BITS, GROUP, SPLIT, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+             BITS, GROUP, SPLIT, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
 
 
 def _split_k(K: int, block_k: int) -> int:
@@ -130,6 +131,7 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
     zz = z if z is not None else s
     bb = bias if bias is not None else s
     args = (M, n, K)
+    dot = dot_precision(x.dtype)
     if M <= SMALL_M:
         split = _split_k(K, block_k)
         k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
@@ -139,7 +141,8 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
         _wq_small[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
             x2, w, s, zz, bb, out, *args, k_per, x2.stride(0), x2.stride(1), w.stride(0),
             w.stride(1), ssn, ssg, M * n, BITS=bits, GROUP=group, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, BLOCK_K=block_k)
+            HAS_BIAS=bias is not None, BLOCK_K=block_k,
+            DOT=dot)
         if split > 1:
             out = out.sum(0)
             out = (out + bias.float() if bias is not None else out).to(x.dtype)
@@ -148,7 +151,7 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
         _wq_large[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)](
             x2, w, s, zz, bb, out, *args, K, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             ssn, ssg, 0, BITS=bits, GROUP=group, SPLIT=False, HAS_BIAS=bias is not None,
-            BLOCK_K=block_k)
+            BLOCK_K=block_k, DOT=dot)
     return out.view(*lead, n)
 
 

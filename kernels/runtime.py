@@ -25,6 +25,19 @@ def configs(candidates: list) -> list:
     return candidates if AUTOTUNE and not INTERPRET else candidates[:1]
 
 
+def dot_precision(dtype) -> str:
+    """``tl.dot``'s input_precision for operands of this dtype, following torch's own fp32
+    matmul setting: full IEEE fp32 under torch's default ("highest"), TF32 once the user
+    asks torch for it (``torch.set_float32_matmul_precision("high")``). Triton's default
+    is TF32 regardless, which silently made fp32 kernels 1e-3-accurate where torch is exact.
+    fp16/bf16 operands ignore it."""
+    import torch
+
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def config(**kwargs) -> "triton.Config":
     """A triton.Config from keyword arguments (num_warps / num_stages split out)."""
     warps = kwargs.pop("num_warps", 4)

@@ -18,7 +18,7 @@ def _case(E, K, N, blocks, block, dtype, bias, seed=0):
     b = torch.randn(E, N, generator=g) * 0.1 if bias else None
     be = torch.sort(torch.randint(0, E, (blocks,), generator=g)).values  # runs of one expert
     dy = torch.randn(blocks * block, N, generator=g)
-    return x, w, b, be, dy
+    return (t.to(DEVICE) if t is not None else None for t in (x, w, b, be, dy))
 
 
 def _grads(fn, x, w, b, be, block, dy):
@@ -34,7 +34,7 @@ def _grads(fn, x, w, b, be, block, dy):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_matches_reference(E, K, N, blocks, bias, dtype):
     block = 16
-    x, w, b, be, dy = (t.to(DEVICE) if t is not None else None for t in _case(E, K, N, blocks, block, dtype, bias))
+    x, w, b, be, dy = _case(E, K, N, blocks, block, dtype, bias)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     cast = lambda t, d: t.to(d) if t is not None else None  # noqa: E731
     ref = _grads(grouped_linear_reference, cast(x, ref_dtype), cast(w, ref_dtype), cast(b, ref_dtype), be, block, dy.to(ref_dtype))
@@ -48,7 +48,7 @@ def test_matches_reference(E, K, N, blocks, bias, dtype):
 
 def test_experts_without_rows_get_zero_weight_gradient():
     x, w, b, be, dy = _case(4, 32, 32, 2, 16, torch.float32, True)
-    be = torch.tensor([1, 1])
+    be = torch.tensor([1, 1], device=DEVICE)
     grads = _grads(grouped_linear, x, w, b, be, 16, dy)
     assert (grads[2][[0, 2, 3]] == 0).all() and (grads[3][[0, 2, 3]] == 0).all()
     assert grads[2][1].abs().sum() > 0
@@ -83,7 +83,7 @@ def test_tiny_gpt2_moe_trains_alike_on_the_fast_path(tmp_path):
 def test_unused_trailing_blocks_give_zero_rows_and_no_gradient():
     # The CUDA router's maximum-size layout ends in blocks marked -1.
     x, w, b, _, dy = _case(3, 32, 48, 4, 16, torch.float32, True)
-    be = torch.tensor([0, 2, -1, -1])
+    be = torch.tensor([0, 2, -1, -1], device=DEVICE)
     dy[32:] = 0  # what the MoE sends back for unused rows
     kern = _grads(grouped_linear, x, w, b, be, 16, dy)
     ref = _grads(grouped_linear_reference, x, w, b, be, 16, dy)

@@ -157,10 +157,11 @@ def test_moe_grouped_path_matches_loop():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     for k in (1, 2):
         torch.manual_seed(k)
-        loop = build_model("gpt2moe-1-1", 100, n_experts=4, top_k=k, mlp_impl="torch")
-        fast = build_model("gpt2moe-1-1", 100, n_experts=4, top_k=k, mlp_impl="triton")
+        dev = "cpu" if INTERPRET else "cuda"
+        loop = build_model("gpt2moe-1-1", 100, n_experts=4, top_k=k, mlp_impl="torch").to(dev)
+        fast = build_model("gpt2moe-1-1", 100, n_experts=4, top_k=k, mlp_impl="triton").to(dev)
         fast.load_state_dict(loop.state_dict())
-        x = torch.randn(2, 50, 64, requires_grad=True)
+        x = torch.randn(2, 50, 64, device=dev, requires_grad=True)
         outs = [m.blocks[0].mlp(x) for m in (loop, fast)]
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
         grads = [torch.autograd.grad(o.sum(), [x, m.blocks[0].mlp.w1, m.blocks[0].mlp.router.weight])
@@ -185,9 +186,10 @@ def test_moe_equals_dense_mixture_when_every_expert_is_used(impl):
     if impl == "triton" and not (INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    model = build_model("gpt2moe-1-1", 50, n_experts=4, top_k=4, mlp_impl=impl)
+    dev = "cuda" if impl == "triton" and not INTERPRET else "cpu"
+    model = build_model("gpt2moe-1-1", 50, n_experts=4, top_k=4, mlp_impl=impl).to(dev)
     moe = model.blocks[0].mlp.eval()
-    x = torch.randn(2, 7, 64)
+    x = torch.randn(2, 7, 64, device=dev)
     probs = torch.softmax(moe.router(x).float(), -1)
     expert_out = torch.stack([torch.nn.functional.gelu(x @ moe.w1[e] + moe.b1[e]) @ moe.w2[e] + moe.b2[e]
                               for e in range(4)], -1)
