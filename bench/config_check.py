@@ -58,7 +58,7 @@ def _force(kernel, cfg):
 def check_attention() -> int:
     from kcap.kernels import attention as A
 
-    kernels = {"fwd": [A._fwd_kernel], "bwd": [A._bwd_dkdv_kernel, A._bwd_dq_kernel]}
+    kernels = {"bwd": [A._bwd_dkdv_kernel, A._bwd_dq_kernel], "fwd": [A._fwd_kernel]}
     every = {name: list(ks[0].configs) for name, ks in kernels.items()}
     bad = 0
     for name, candidates in every.items():
