@@ -36,11 +36,15 @@ def environment() -> dict:
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([Path(sys.executable).name, "-m", "bench"] + sys.argv[1:]),
            "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
-    try:  # KCAP_GIT_COMMIT names it where the tree was copied with a stale .git (GPU machine)
-        env["git_commit"] = os.environ.get("KCAP_GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, cwd=RESULTS.parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = None
+    # KCAP_GIT_COMMIT names the commit where the tree was copied with a stale .git (the lent
+    # GPU machine got the session's first commit, not the one measured)
+    env["git_commit"] = os.environ.get("KCAP_GIT_COMMIT")
+    if not env["git_commit"]:
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                               text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["git_commit"] = None
     for module in ("numpy", "torch", "triton"):
         try:
             env[module] = __import__(module).__version__
