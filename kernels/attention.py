@@ -78,14 +78,14 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo,
     return acc, m_i, l_i
 
 
-def _fwd_configs():
-    return configs([config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                    config(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-                    config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)])
+# Autotuning candidates (tests/kernels check each one alone against the reference).
+FWD_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                  config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                  config(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+                  config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["T", "S", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=configs(FWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -155,16 +155,14 @@ def _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, CAUSAL: t
     return p, p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
 
 
-def _bwd_configs():
-    # No BLOCK_M = 32 candidates: on an H100 with Triton 3.6, (32, 64) gave a wrong dK at
-    # head dim 128 and (32, 128, 3 stages) at head dim 64, in fp16 and bf16, while the
-    # interpreter computes both right (bench/results/attention-configs-gpu-2026-11-24.md;
-    # recheck with `python -m bench.config_check` before adding candidates).
-    return configs([config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                    config(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)])
+# No BLOCK_M = 32 candidates: on an H100 with Triton 3.6, (32, 64) gave a wrong dK at
+# head dim 128 and (32, 128, 3 stages) at head dim 64, in fp16 and bf16, while the
+# interpreter computes both right (bench/results/attention-configs-gpu-2026-11-24.md).
+BWD_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                  config(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)]
 
 
-@triton.autotune(configs=_bwd_configs(), key=["T", "S", "HEAD_DIM", "CAUSAL", "GROUP"])
+@triton.autotune(configs=configs(BWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL", "GROUP"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -204,7 +202,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
              dv.to(DV.dtype.element_ty), mask=in_s)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["T", "S", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=configs(BWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,

@@ -54,15 +54,14 @@ def _act_grad(x, GELU: tl.constexpr):
     return s * (1.0 + x * (1.0 - s))
 
 
-def _gemm_configs():
-    return configs([config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-                    config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-                    config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-                    config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-                    config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)])
+GEMM_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+                   config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+                   config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+                   config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+                   config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "MODE", "GELU"])
+@triton.autotune(configs=configs(GEMM_CANDIDATES), key=["M", "N", "K", "MODE", "GELU"])
 @triton.jit
 def _epilogue_gemm(A, B1, B2, BIAS1, BIAS2, P1, P2, OUT, OUT1, OUT2,
                    M, N, K, sam, sak, sb1k, sb1n, sb2k, sb2n,

@@ -27,10 +27,16 @@ from .runtime import check_device, config, configs, dot_precision
 UPCAST = tl.constexpr(_UPCAST_FLAG)
 
 
-@triton.autotune(configs=configs([config(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-                                  config(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                                  config(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)]),
-                 key=["N", "K", "BLOCK_M"])
+# Autotuning candidates (tests/kernels check each one alone against the reference).
+MM_CANDIDATES = [config(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+                 config(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                 config(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)]
+WGRAD_CANDIDATES = [config(BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                    config(BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                    config(BLOCK_K=64, BLOCK_N=128, num_warps=8, num_stages=3)]
+
+
+@triton.autotune(configs=configs(MM_CANDIDATES), key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe, sym, syn,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -60,10 +66,7 @@ def _grouped_mm(X, W, BIAS, BLOCK_EXPERT, Y, N, K, sxm, sxk, swe, swk, swn, sbe,
              mask=cols[None, :] < N)
 
 
-@triton.autotune(configs=configs([config(BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                                  config(BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                                  config(BLOCK_K=64, BLOCK_N=128, num_warps=8, num_stages=3)]),
-                 key=["N", "K", "BLOCK_M"])
+@triton.autotune(configs=configs(WGRAD_CANDIDATES), key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _grouped_wgrad(X, DY, SEG, DW, N, K, sxm, sxk, sym, syn, swe, swk, swn,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,

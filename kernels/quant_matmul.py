@@ -87,11 +87,18 @@ def _wq_body(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ss
         tl.store(OUT + tile, acc.to(OUT.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=configs([config(BLOCK_N=64, num_warps=4, num_stages=3),
-                                  config(BLOCK_N=128, num_warps=4, num_stages=4),
-                                  config(BLOCK_N=32, num_warps=2, num_stages=4),
-                                  config(BLOCK_N=256, num_warps=8, num_stages=3)]),
-                 key=["N", "K", "BITS", "GROUP"])
+# Autotuning candidates (tests/kernels check each one alone against the reference).
+SMALL_CANDIDATES = [config(BLOCK_N=64, num_warps=4, num_stages=3),
+                    config(BLOCK_N=128, num_warps=4, num_stages=4),
+                    config(BLOCK_N=32, num_warps=2, num_stages=4),
+                    config(BLOCK_N=256, num_warps=8, num_stages=3)]
+LARGE_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                    config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                    config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
+                    config(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)]
+
+
+@triton.autotune(configs=configs(SMALL_CANDIDATES), key=["N", "K", "BITS", "GROUP"])
 @triton.jit
 def _wq_small(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
               BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -101,11 +108,7 @@ def _wq_small(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, s
              BITS, GROUP, SPLIT, HAS_BIAS, 16, BLOCK_N, BLOCK_K, DOT)
 
 
-@triton.autotune(configs=configs([config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                                  config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-                                  config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-                                  config(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)]),
-                 key=["M", "N", "K", "BITS", "GROUP"])
+@triton.autotune(configs=configs(LARGE_CANDIDATES), key=["M", "N", "K", "BITS", "GROUP"])
 @triton.jit
 def _wq_large(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, ssn, ssg, so_split,
               BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,

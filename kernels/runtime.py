@@ -7,6 +7,7 @@ its first config, and CPU tensors are accepted. On a GPU none of this applies.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import triton
@@ -36,6 +37,22 @@ def dot_precision(dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
+
+
+@contextlib.contextmanager
+def pinned(*pairs):
+    """Run autotuned kernels with one given config each: ``with pinned((kernel, cfg), ...):``.
+
+    Autotuning times the candidates and keeps the fastest, so a candidate that computes a
+    wrong answer only shows on the shapes where it wins; pinning checks each one directly."""
+    saved = [(kernel, kernel.configs, kernel.cache) for kernel, _ in pairs]
+    try:
+        for kernel, cfg in pairs:
+            kernel.configs, kernel.cache = [cfg], {}
+        yield
+    finally:
+        for kernel, candidates, cache in saved:
+            kernel.configs, kernel.cache = candidates, cache
 
 
 def config(**kwargs) -> "triton.Config":

@@ -156,3 +156,29 @@ def test_models_train_alike_with_either_attention(tmp_path, model):
     # fp32 on CPU: the two attentions differ by float rounding only (~1e-6 relative).
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-4)
     assert losses["torch bits"] == pytest.approx(losses["triton bits"], rel=1e-4, abs=1e-2)
+
+
+# Every autotuning candidate alone (autotuning keeps whichever is fastest, so a wrong one would
+# only show on the shapes where it wins). Two backward candidates failed this on an H100.
+CANDIDATE_CASES = ([(2, 8, 2, 17, 90, 128, False), (1, 2, 2, 70, 70, 128, True),
+                    (2, 8, 2, 17, 90, 64, False), (1, 4, 1, 130, 130, 64, True)] if CUDA else
+                   [(1, 2, 1, 70, 70, 32, True), (1, 2, 2, 33, 50, 32, False)])
+CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
+
+
+def _candidates():
+    from kcap.kernels import attention as A
+
+    fwd = [("fwd", i, ((A._fwd_kernel, c),)) for i, c in enumerate(A.FWD_CANDIDATES)]
+    bwd = [("bwd", i, ((A._bwd_dkdv_kernel, c), (A._bwd_dq_kernel, c))) for i, c in enumerate(A.BWD_CANDIDATES)]
+    return fwd + bwd
+
+
+@pytest.mark.parametrize("which, index, pins", _candidates(), ids=lambda v: v if isinstance(v, (str, int)) else "")
+def test_every_autotune_candidate(which, index, pins):
+    from kcap.kernels.runtime import pinned
+
+    with pinned(*pins):
+        for case in CANDIDATE_CASES:
+            for dtype in CANDIDATE_DTYPES:
+                _check(case, dtype)

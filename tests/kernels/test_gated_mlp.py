@@ -138,3 +138,18 @@ def test_kernel_paths_follow_autocast(name):
         a, b = fast(x)[0], ref(x)[0]
     assert a.dtype == b.dtype == low  # the custom ops ran in the autocast dtype, like the torch path
     torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=8 * ULP[low] * b.abs().max().item())
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_autotune_candidate(index):
+    """Each GEMM candidate alone: autotuning would only expose a wrong one where it wins."""
+    from kcap.kernels import gated_mlp as G
+    from kcap.kernels.runtime import pinned
+
+    assert len(G.GEMM_CANDIDATES) == 5  # keep the parametrisation in step with the list
+    shapes = [(130, 96, 200, 72), (300, 256, 520, 200)] if CUDA else [(37, 48, 100, 40)]
+    with pinned((G._epilogue_gemm, G.GEMM_CANDIDATES[index])):
+        for shape in shapes:
+            for kind, bias in (("gated", True), ("gelu", True)):
+                for dtype in ([torch.float16, torch.bfloat16] if CUDA else [torch.float16]):
+                    _check(shape, kind, bias, dtype)

@@ -90,3 +90,18 @@ def test_unused_trailing_blocks_give_zero_rows_and_no_gradient():
     assert (kern[0][32:] == 0).all()
     for a, r in zip(kern, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which, index", [("mm", i) for i in range(3)] + [("wgrad", i) for i in range(3)])
+def test_every_autotune_candidate(which, index):
+    """Each candidate of the forward/dX GEMM and of the weight-gradient GEMM alone."""
+    from kcap.kernels import grouped_gemm as G
+    from kcap.kernels.runtime import pinned
+
+    assert len(G.MM_CANDIDATES) == len(G.WGRAD_CANDIDATES) == 3
+    pins = ((G._grouped_mm, G.MM_CANDIDATES[index]) if which == "mm" else
+            (G._grouped_wgrad, G.WGRAD_CANDIDATES[index]))
+    with pinned(pins):
+        for dtype in ([torch.float16, torch.bfloat16] if CUDA else [torch.float16]):
+            test_matches_reference(4, 64, 96, 5, True, dtype)
+            test_matches_reference(3, 40, 33, 3, False, dtype)

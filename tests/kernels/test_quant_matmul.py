@@ -116,3 +116,21 @@ def test_leading_dims_and_bad_input():
         int4_matmul(x, q4, s4, z4, 48)
     with pytest.raises(ValueError, match="zeros must be"):
         int4_matmul(x, q4, s4, z4.float().to(torch.uint8)[:, :1], 64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("which, index", [("small", i) for i in range(4)] + [("large", i) for i in range(4)])
+def test_every_autotune_candidate(which, index):
+    """Each candidate alone: the small-M (split-K) kernel serves M <= 16, the tiled one larger M."""
+    from kcap.kernels import quant_matmul as Q
+    from kcap.kernels.runtime import pinned
+
+    assert len(Q.SMALL_CANDIDATES) == len(Q.LARGE_CANDIDATES) == 4
+    kernel, candidates, M = ((Q._wq_small, Q.SMALL_CANDIDATES, 5) if which == "small" else
+                             (Q._wq_large, Q.LARGE_CANDIDATES, 70))
+    with pinned((kernel, candidates[index])):
+        for dtype in ([torch.float16, torch.bfloat16] if CUDA else [torch.float16]):
+            for kind in (8, 4):
+                _check(kind, M, 100, 256, dtype, group=64)
+                if CUDA:
+                    _check(kind, 4 * M, 300, 1024, dtype, group=128)
