@@ -1,6 +1,7 @@
 """Weight-only quantized matmuls: W8A16 and W4A16 (group 128) against a bf16 torch.matmul
 (cuBLAS) in the same run, K = N = 4096 and 8192, M = 1 .. 16 (memory-bound; ideal ~2x and
-~3.9x) and M = 4096 (compute-bound). Without a GPU this says so and times an
+~3.9x) and M = 64 .. 4096, where both large-M paths are timed (the tiled kernel, and
+dequantize + cuBLAS, which the wrapper uses from DEQUANT_MIN_M rows) to place that threshold. Without a GPU this says so and times an
 interpreter-sized case on the CPU (a harness check, not a speed figure).
 """
 from __future__ import annotations
@@ -12,12 +13,22 @@ def run(quick: bool = False) -> None:
     import torch
 
     gpu, timer = kernel_device()
+    from kcap.kernels import quant_matmul as Q
     from kcap.kernels import quant_pack as qp
     from kcap.kernels.quant_matmul import int4_matmul, int8_matmul
 
+    def forced(fn, threshold):  # run fn with the wrapper's large-M threshold set to threshold
+        def run():
+            saved, Q.DEQUANT_MIN_M = Q.DEQUANT_MIN_M, threshold
+            try:
+                return fn()
+            finally:
+                Q.DEQUANT_MIN_M = saved
+        return run
+
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
     if gpu:
-        shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192)) for m in (1, 4, 16, 4096)]
+        shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192)) for m in (1, 4, 16, 64, 256, 1024, 4096)]
     else:
         shapes = [(1, 256), (32, 256)]
     rows = []
@@ -28,9 +39,16 @@ def run(quick: bool = False) -> None:
         w16 = w.to(dtype)
         q8, s8 = qp.quantize_int8(w)
         q4, s4, z4 = qp.quantize_int4(w, 128)
-        providers = [("torch matmul", lambda: x @ w16.t()),
-                     ("kcap int8", lambda: int8_matmul(x, q8, s8)),
-                     ("kcap int4 g128", lambda: int4_matmul(x, q4, s4, z4, 128))]
+        int8, int4 = (lambda: int8_matmul(x, q8, s8)), (lambda: int4_matmul(x, q4, s4, z4, 128))
+        providers = [("torch matmul", lambda: x @ w16.t())]
+        if M <= Q.SMALL_M:
+            providers += [("kcap int8", int8), ("kcap int4 g128", int4)]
+        else:
+            never, always = 1 << 62, 0
+            providers += [("kcap int8 tiled", forced(int8, never)),
+                          ("kcap int8 dequant+cuBLAS", forced(int8, always)),
+                          ("kcap int4 g128 tiled", forced(int4, never)),
+                          ("kcap int4 g128 dequant+cuBLAS", forced(int4, always))]
         case = f"M {M} K {K} N {N} {str(dtype)[6:]}"
         for provider, fn in providers:
             seconds = timer(fn)

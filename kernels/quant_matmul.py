@@ -9,9 +9,13 @@ packed in memory and are dequantized inside the kernel; accumulation is fp32. In
 activation dtype and the scales are applied to the fp32 accumulator: per output channel once
 at the end (int8), per group after each K block (int4, whose K blocks are exactly one group).
 
-Two paths, chosen by the wrapper: M <= 16 rows (decode-like) use 16-row tiles and split K
+Three paths, chosen by the wrapper: M <= 16 rows (decode-like) use 16-row tiles and split K
 across programs, writing fp32 partial sums that are added afterwards (deterministic, no
-atomics) so that a handful of rows still fills the GPU; larger M use ordinary 2-d tiles.
+atomics) so that a handful of rows still fills the GPU; larger M use ordinary 2-d tiles; from
+DEQUANT_MIN_M rows on, the weight is dequantized to x's dtype in one pass and torch's matmul
+(cuBLAS) does the rest, since at that size the matmul is compute-bound and reading the packed
+weight saves nothing (on an H100 at M = 4096 the tiled kernel ran at 0.57x (int8) and 0.06x
+(int4) of a bf16 cuBLAS matmul: bench/results/quant_matmul-gpu-2026-11-24.md).
 ``quant_matmul_reference`` is the plain PyTorch definition the tests hold them to.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .runtime import UPCAST as _UPCAST_FLAG, dot_precision
 
 UPCAST = tl.constexpr(_UPCAST_FLAG)
 SMALL_M = 16
+DEQUANT_MIN_M = 1024  # where dequantize + cuBLAS takes over (one measured point so far: 4096)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -118,6 +123,37 @@ def _wq_large(X, W, S, Z, BIAS, OUT, M, N, K, k_per_split, sxm, sxk, swn, swk, s
              BITS, GROUP, SPLIT, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
 
 
+@triton.jit
+def _dequant_kernel(W, S, Z, OUT, N, K, swn, swk, ssn, ssg,
+                    BITS: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT (N, K), contiguous, in its dtype = the dequantized weight, computed in fp32 as
+    quant_pack.dequantize_int8/int4 do (so the two agree bit for bit)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (rows[:, None] < N) & (cols[None, :] < K)
+    if BITS == 8:
+        q = tl.load(W + rows[:, None] * swn + cols[None, :] * swk, mask=inside, other=0)
+        w = q.to(tl.float32) * tl.load(S + rows * ssn, mask=rows < N, other=0.0)[:, None]
+    else:
+        byte = tl.load(W + rows[:, None] * swn + (cols // 2)[None, :] * swk, mask=inside, other=0)
+        code = tl.where((cols % 2 == 0)[None, :], byte & 15, byte >> 4).to(tl.float32)
+        g = (cols // GROUP)[None, :]
+        zero = tl.load(Z + rows[:, None] * ssn + g * ssg, mask=inside, other=0).to(tl.float32)
+        w = (code - zero) * tl.load(S + rows[:, None] * ssn + g * ssg, mask=inside, other=0.0)
+    tl.store(OUT + rows[:, None] * K + cols[None, :], w.to(OUT.dtype.element_ty), mask=inside)
+
+
+def _dequantize(w, s, z, bits: int, group: int, n: int, K: int, dtype) -> torch.Tensor:
+    out = torch.empty((n, K), device=w.device, dtype=dtype)
+    ssn, ssg = (s.stride(0), s.stride(1)) if bits == 4 else (s.stride(0), 0)
+    block_n, block_k = 32, 128 if bits == 8 else max(group, 128)
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(K, block_k))](
+        w, s, z if z is not None else s, out, n, K, w.stride(0), w.stride(1), ssn, ssg,
+        BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
 def _split_k(K: int, block_k: int) -> int:
     """K slices for the small-M path: enough programs to fill a GPU, each >= 4 K blocks."""
     if INTERPRET:
@@ -135,7 +171,9 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
     bb = bias if bias is not None else s
     args = (M, n, K)
     dot = dot_precision(x.dtype)
-    if M <= SMALL_M:
+    if M >= DEQUANT_MIN_M:
+        out = torch.nn.functional.linear(x2, _dequantize(w, s, z, bits, group, n, K, x.dtype), bias)
+    elif M <= SMALL_M:
         split = _split_k(K, block_k)
         k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
         split = triton.cdiv(K, k_per)

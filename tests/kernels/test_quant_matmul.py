@@ -134,3 +134,38 @@ def test_every_autotune_candidate(which, index):
                 _check(kind, M, 100, 256, dtype, group=64)
                 if CUDA:
                     _check(kind, 4 * M, 300, 1024, dtype, group=128)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else []), ids=str)
+@pytest.mark.parametrize("kind, group", [(8, 0), (4, 32), (4, 128)])
+def test_dequantize_kernel_is_exact(kind, group, dtype):
+    """The large-M path's Triton dequantization equals quant_pack's, bit for bit."""
+    from kcap.kernels import quant_matmul as Q
+
+    w = torch.randn(33, 256, generator=torch.Generator().manual_seed(group))
+    if kind == 8:
+        q, s = (t.to(DEVICE) for t in qp.quantize_int8(w))
+        got, want = Q._dequantize(q, s, None, 8, 0, 33, 256, dtype), qp.dequantize_int8(q, s, dtype)
+    else:
+        q, s, z = (t.to(DEVICE) for t in qp.quantize_int4(w, group))
+        got = Q._dequantize(q, s, z, 4, group, 33, 256, dtype)
+        want = qp.dequantize_int4(q, s, z, group, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+class _Unused:
+    def __getitem__(self, grid):
+        raise AssertionError("the tiled kernel ran where dequantize + matmul was expected")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_large_m_dequantizes_then_matmuls(monkeypatch, dtype):
+    from kcap.kernels import quant_matmul as Q
+
+    monkeypatch.setattr(Q, "DEQUANT_MIN_M", 17)  # the real threshold, at interpreter cost
+    monkeypatch.setattr(Q, "_wq_large", _Unused())
+    for kind in (8, 4):
+        _check(kind, 40, 100, 256, dtype)
+        _check(kind, 17, 33, 128, dtype, group=32, bias=False)
