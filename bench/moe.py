@@ -1,8 +1,8 @@
 """MoE: the C++ router against the torch reference router (softmax + stable sort + one-hot
-cumsum + bincount) at T = 65,536, E = 32, k = 1 and 2 on the CPU; on a GPU also the CUDA router against the same reference on
-the GPU, and the full
-MoE layer forward+backward (32 experts, d = 512 and 1024, top-1, 16K tokens), the Triton
-grouped GEMM against the torch loop over experts. One run, ratios against the baselines.
+cumsum + bincount) at T = 65,536, E = 32, k = 1 and 2 on the CPU; on a GPU also the CUDA
+router against the same reference there, and the full MoE layer forward+backward
+(32 experts, d = 512 and 1024, top-1, 16K tokens), the Triton grouped GEMM against the torch
+loop over experts. One run, ratios against the baselines.
 """
 from __future__ import annotations
 
@@ -16,30 +16,22 @@ def run(quick: bool = False) -> None:
 
     rows = []
     logits = torch.randn(65_536, 32)
-    for k in (1, 2):
-        case = f"router cpu T 65536 E 32 k {k}"
-        providers = [("torch reference", lambda: route_reference(logits, k, 2.0))]
-        if cpp_available("cpu"):
-            providers.append((f"kcap C++ ({torch.get_num_threads()} threads)", lambda: route(logits, k, 2.0, impl="cpp")))
-        for provider, fn in providers:
-            seconds = time_wall(fn, repeats=3 if quick else 10)
-            rows.append({"case": case, "kernel": "moe_router", "provider": provider,
-                         "shape": [65_536, 32, k], "dtype": "float32", "median_s": seconds,
-                         "throughput": 65_536 / seconds, "unit": "tokens/s"})
+    routers = [("cpu", logits, f"kcap C++ ({torch.get_num_threads()} threads)",
+                lambda fn: time_wall(fn, repeats=3 if quick else 10))]
+    if torch.cuda.is_available():
+        routers.append(("cuda", logits.cuda(), "kcap CUDA", time_gpu))
+    for device, lg, fast, timer in routers:
+        for k in (1, 2):
+            providers = [("torch reference", lambda: route_reference(lg, k, 2.0))]
+            if cpp_available(device):
+                providers.append((fast, lambda: route(lg, k, 2.0, impl="cpp")))
+            for provider, fn in providers:
+                seconds = timer(fn)
+                rows.append({"case": f"router {device} T 65536 E 32 k {k}", "kernel": "moe_router",
+                             "provider": provider, "shape": [65_536, 32, k], "dtype": "float32",
+                             "median_s": seconds, "throughput": 65_536 / seconds, "unit": "tokens/s"})
     if torch.cuda.is_available():
         from kcap.models import build_model
-
-        gpu_logits = logits.cuda()
-        for k in (1, 2):
-            case = f"router cuda T 65536 E 32 k {k}"
-            providers = [("torch reference", lambda: route_reference(gpu_logits, k, 2.0))]
-            if cpp_available("cuda"):
-                providers.append(("kcap CUDA", lambda: route(gpu_logits, k, 2.0, impl="cpp")))
-            for provider, fn in providers:
-                seconds = time_gpu(fn)
-                rows.append({"case": case, "kernel": "moe_router", "provider": provider,
-                             "shape": [65_536, 32, k], "dtype": "float32", "median_s": seconds,
-                             "throughput": 65_536 / seconds, "unit": "tokens/s"})
 
         for d in (512, 1024):
             case = f"moe layer fwd+bwd bf16 tokens 16384 d {d} E 32 top-1"

@@ -1,8 +1,9 @@
 """Weight-only quantized matmuls: W8A16 and W4A16 (group 128) against a bf16 torch.matmul
 (cuBLAS) in the same run, K = N = 4096 and 8192, M = 1 .. 16 (memory-bound; ideal ~2x and
 ~3.9x) and M = 64 .. 4096, where both large-M paths are timed (the tiled kernel, and
-dequantize + cuBLAS, which the wrapper uses from DEQUANT_MIN_M rows) to place that threshold. Without a GPU this says so and times an
-interpreter-sized case on the CPU (a harness check, not a speed figure).
+dequantize + cuBLAS, which the wrapper uses from DEQUANT_MIN_M rows) to place that
+threshold. Without a GPU this says so and times an interpreter-sized case on the CPU (a
+harness check, not a speed figure).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def run(quick: bool = False) -> None:
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
     if gpu:
-        shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192)) for m in (1, 4, 16, 64, 256, 1024, 4096)]
+        shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192))
+                  for m in (1, 4, 16, 64, 256, 1024, 4096)]
     else:
         shapes = [(1, 256), (32, 256)]
     rows = []

@@ -144,9 +144,14 @@ def _dequant_kernel(W, S, Z, OUT, N, K, swn, swk, ssn, ssg,
     tl.store(OUT + rows[:, None] * K + cols[None, :], w.to(OUT.dtype.element_ty), mask=inside)
 
 
+def _scale_strides(s, bits: int) -> tuple[int, int]:
+    """(per output channel, per group) strides of the scales; int8 has no groups."""
+    return (s.stride(0), s.stride(1)) if bits == 4 else (s.stride(0), 0)
+
+
 def _dequantize(w, s, z, bits: int, group: int, n: int, K: int, dtype) -> torch.Tensor:
     out = torch.empty((n, K), device=w.device, dtype=dtype)
-    ssn, ssg = (s.stride(0), s.stride(1)) if bits == 4 else (s.stride(0), 0)
+    ssn, ssg = _scale_strides(s, bits)
     block_n, block_k = 32, 128 if bits == 8 else max(group, 128)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(K, block_k))](
         w, s, z if z is not None else s, out, n, K, w.stride(0), w.stride(1), ssn, ssg,
@@ -166,7 +171,7 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     block_k = group if bits == 4 else 64
-    ssn, ssg = (s.stride(0), s.stride(1)) if bits == 4 else (s.stride(0), 0)
+    ssn, ssg = _scale_strides(s, bits)
     zz = z if z is not None else s
     bb = bias if bias is not None else s
     args = (M, n, K)
@@ -182,8 +187,7 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
         _wq_small[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
             x2, w, s, zz, bb, out, *args, k_per, x2.stride(0), x2.stride(1), w.stride(0),
             w.stride(1), ssn, ssg, M * n, BITS=bits, GROUP=group, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, BLOCK_K=block_k,
-            DOT=dot)
+            HAS_BIAS=bias is not None, BLOCK_K=block_k, DOT=dot)
         if split > 1:
             out = out.sum(0)
             out = (out + bias.float() if bias is not None else out).to(x.dtype)
