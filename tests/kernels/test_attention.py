@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kcap.kernels import attention_reference, flash_attention
-from kcap.kernels.runtime import INTERPRET
+from kcap.kernels.runtime import INTERPRET, pinned
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -176,8 +176,6 @@ def _candidates():
 
 @pytest.mark.parametrize("which, index, pins", _candidates(), ids=lambda v: v if isinstance(v, (str, int)) else "")
 def test_every_autotune_candidate(which, index, pins):
-    from kcap.kernels.runtime import pinned
-
     with pinned(*pins):
         for case in CANDIDATE_CASES:
             for dtype in CANDIDATE_DTYPES:

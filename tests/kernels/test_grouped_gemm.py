@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from kcap.kernels import grouped_gemm as G
 from kcap.kernels import grouped_linear, grouped_linear_reference
-from kcap.kernels.runtime import INTERPRET
+from kcap.kernels.runtime import INTERPRET, pinned
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -92,13 +93,10 @@ def test_unused_trailing_blocks_give_zero_rows_and_no_gradient():
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which, index", [("mm", i) for i in range(3)] + [("wgrad", i) for i in range(3)])
+@pytest.mark.parametrize("which, index", [("mm", i) for i in range(len(G.MM_CANDIDATES))] +
+                         [("wgrad", i) for i in range(len(G.WGRAD_CANDIDATES))])
 def test_every_autotune_candidate(which, index):
     """Each candidate of the forward/dX GEMM and of the weight-gradient GEMM alone."""
-    from kcap.kernels import grouped_gemm as G
-    from kcap.kernels.runtime import pinned
-
-    assert len(G.MM_CANDIDATES) == len(G.WGRAD_CANDIDATES) == 3
     pins = ((G._grouped_mm, G.MM_CANDIDATES[index]) if which == "mm" else
             (G._grouped_wgrad, G.WGRAD_CANDIDATES[index]))
     with pinned(pins):

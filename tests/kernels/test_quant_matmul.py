@@ -3,9 +3,10 @@ x @ dequant(W).T in fp32, under the tolerance rule of test_attention."""
 import pytest
 import torch
 
+from kcap.kernels import quant_matmul as Q
 from kcap.kernels import quant_pack as qp
 from kcap.kernels.quant_matmul import int4_matmul, int8_matmul, quant_matmul_reference
-from kcap.kernels.runtime import INTERPRET
+from kcap.kernels.runtime import INTERPRET, pinned
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -119,13 +120,10 @@ def test_leading_dims_and_bad_input():
 
 
 @needs_kernels
-@pytest.mark.parametrize("which, index", [("small", i) for i in range(4)] + [("large", i) for i in range(4)])
+@pytest.mark.parametrize("which, index", [("small", i) for i in range(len(Q.SMALL_CANDIDATES))] +
+                         [("large", i) for i in range(len(Q.LARGE_CANDIDATES))])
 def test_every_autotune_candidate(which, index):
     """Each candidate alone: the small-M (split-K) kernel serves M <= 16, the tiled one larger M."""
-    from kcap.kernels import quant_matmul as Q
-    from kcap.kernels.runtime import pinned
-
-    assert len(Q.SMALL_CANDIDATES) == len(Q.LARGE_CANDIDATES) == 4
     kernel, candidates, M = ((Q._wq_small, Q.SMALL_CANDIDATES, 5) if which == "small" else
                              (Q._wq_large, Q.LARGE_CANDIDATES, 70))
     with pinned((kernel, candidates[index])):
@@ -141,8 +139,6 @@ def test_every_autotune_candidate(which, index):
 @pytest.mark.parametrize("kind, group", [(8, 0), (4, 32), (4, 128)])
 def test_dequantize_kernel_is_exact(kind, group, dtype):
     """The large-M path's Triton dequantization equals quant_pack's, bit for bit."""
-    from kcap.kernels import quant_matmul as Q
-
     w = torch.randn(33, 256, generator=torch.Generator().manual_seed(group))
     if kind == 8:
         q, s = (t.to(DEVICE) for t in qp.quantize_int8(w))
@@ -162,8 +158,6 @@ class _Unused:
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_large_m_dequantizes_then_matmuls(monkeypatch, dtype):
-    from kcap.kernels import quant_matmul as Q
-
     monkeypatch.setattr(Q, "DEQUANT_MIN_M", 17)  # the real threshold, at interpreter cost
     monkeypatch.setattr(Q, "_wq_large", _Unused())
     for kind in (8, 4):
