@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from kcap.train import DataConfig, TrainConfig
+from kcap.run_config import DataConfig, TrainConfig
 
 
 def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
