@@ -21,9 +21,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields, replace
 
+from kcap.field_types import check_fields
+
 ARCHS = ("gpt2", "gpt2quarter", "gpt2nomlp", "gpt2moe", "llama", "llamaplain", "mistral")
 ATTN_IMPLS = ("auto", "torch", "triton")  # auto: triton on CUDA tensors, torch elsewhere
 MLP_IMPLS = ("auto", "torch", "triton")
+ROUTER_IMPLS = ("auto", "cpp", "torch")  # auto: C++ when built, for CPU tensors
+MLPS = ("gelu", "silu", "gated", "none")  # gated: SiLU-gated
 
 
 @dataclass(frozen=True)
@@ -66,27 +70,38 @@ class ModelConfig:
         return 2 * int(self.head_dim * self.rotary_fraction / 2)
 
     def __post_init__(self):
+        check_fields(self)  # types first: tied="false" would otherwise count as True
+
         def need(cond, msg):
             if not cond:
-                raise ValueError(f"ModelConfig: {msg}")
+                raise ValueError(msg)
         need(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("n_layer", "n_head", "vocab_size", "head_dim", "context"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+            need(getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.n_kv_head is None or self.n_kv_head >= 1,
+             f"n_kv_head must be >= 1 or None, got {self.n_kv_head}")
         need(self.n_head % self.kv_heads == 0,
              f"n_kv_head ({self.kv_heads}) must divide n_head ({self.n_head})")
         need(self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}")
-        need(self.mlp in ("gelu", "silu", "gated", "none"), f"unknown mlp {self.mlp!r}")
-        need(self.mlp == "none" or self.mlp_hidden >= 1, "mlp_hidden must be >= 1")
+        need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        need(self.mlp_hidden >= 0, f"mlp_hidden must be >= 0, got {self.mlp_hidden}")
+        need(self.mlp == "none" or self.mlp_hidden >= 1, f"mlp_hidden must be >= 1 with mlp "
+             f"{self.mlp!r}, got {self.mlp_hidden}")
         need(0.0 <= self.rotary_fraction <= 1.0, f"rotary_fraction must be in [0, 1], got {self.rotary_fraction}")
-        need(self.n_experts >= 0, "n_experts must be >= 0")
-        need(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
+        need(self.rotary_base > 0, f"rotary_base must be > 0, got {self.rotary_base}")
+        need(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        need(self.top_k >= 1 and (self.n_experts == 0 or self.top_k <= self.n_experts),
              f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        need(self.capacity_factor_train > 0 and self.capacity_factor_eval > 0,
-             "capacity factors must be > 0")
-        need(self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}")
-        need(self.router_impl in ("auto", "cpp", "torch"), "router_impl must be auto, cpp or torch")
-        need(self.mlp_impl in MLP_IMPLS, f"mlp_impl must be one of {MLP_IMPLS}")
+        for name in ("capacity_factor_train", "capacity_factor_eval", "init_std"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        need(self.attn_impl in ATTN_IMPLS,
+             f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        need(self.router_impl in ROUTER_IMPLS,
+             f"router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
+        need(self.mlp_impl in MLP_IMPLS,
+             f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
 
 
 def resolve_impl(impl: str, x) -> str:
