@@ -1,10 +1,14 @@
-"""Checkpoints: safetensors weights and optimizer tensors, plus a small JSON state.
+"""Checkpoints: safetensors weights and optimizer tensors, a small JSON state, and a manifest.
 
-Layout: ``<run>/checkpoints/step-<N>/{model.safetensors, optimizer.safetensors, state.json}``
-and ``<run>/checkpoints/latest`` naming the newest. A checkpoint is written into a temporary
-folder and renamed into place, then ``latest`` is replaced atomically, so a crash at any
-moment leaves the previous checkpoint intact and ``latest`` always names a complete one.
-state.json records the files' SHA-256, so a corrupt or truncated checkpoint is refused.
+Layout: ``<run>/checkpoints/step-<N>/{model.safetensors, optimizer.safetensors, state.json,
+manifest.json}`` and ``<run>/checkpoints/latest`` naming the newest (a hint for people: kcap
+finds checkpoints by listing the ``step-*`` folders, so a lost ``latest`` loses nothing).
+
+A checkpoint is written into a temporary ``.step-*`` folder and renamed into place, so a
+crash at any moment leaves the previous checkpoints intact. ``manifest.json``, written last,
+holds the size and SHA-256 of every other file, state.json included: a checkpoint without a
+manifest, with a file missing, truncated or changed in any byte is corrupt. Resuming takes
+the newest checkpoint that verifies and says which newer ones it skipped and why.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kcap.atomic import write_text
 
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+MANIFEST = "manifest.json"
+
 
 class CheckpointError(ValueError):
     pass
@@ -31,6 +38,14 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -45,8 +60,14 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def step_of(path: Path) -> int:
+    """The step a ``step-<N>`` folder holds."""
+    return int(Path(path).name.split("-", 1)[1])
+
+
 def save(run_dir, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` of ``model`` (unwrapped) and ``optimizer`` with ``state``."""
+    """Write checkpoint ``step`` of ``model`` (unwrapped) and ``optimizer`` with ``state``;
+    keep the ``keep`` newest checkpoint folders."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -55,46 +76,117 @@ def save(run_dir, step: int, model, optimizer, state: dict, keep: int = 2) -> Pa
         save_model(model, str(tmp / "model.safetensors"))
         tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta = dict(state, step=step, optimizer=opt_meta,
-                    sha256={f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")})
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step, optimizer=opt_meta), indent=1))
+        manifest = {"files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                              for f in FILES}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync(f)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)  # the rename itself survives a power cut
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     write_text(root / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    for old in step_folders(run_dir)[keep:]:
         shutil.rmtree(old)
     return final
 
 
+def step_folders(run_dir) -> list[Path]:
+    """The run's ``checkpoints/step-<N>`` folders, newest first (whether intact or not)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def verify(path) -> None:
+    """Raise CheckpointError naming what is wrong unless every file of the checkpoint folder
+    ``path`` matches its manifest (size and SHA-256)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        listed = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST} (unfinished, or written by an older kcap): "
+                              "its files cannot be checked") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt ({type(err).__name__})") from None
+    missing = sorted(set(FILES) - set(listed))
+    if missing:
+        raise CheckpointError(f"{path / MANIFEST} does not list {missing}")
+    for name, (size, digest) in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f} is truncated or corrupt ({f.stat().st_size:,} bytes, "
+                                  f"the manifest says {size:,})")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} is corrupt (SHA-256 differs from the manifest)")
+
+
+def newest_good(run_dir, on_corrupt=None) -> Path | None:
+    """The newest checkpoint folder of ``run_dir`` that verifies, or None if there is none at
+    all. ``on_corrupt(path, error)`` is called for each newer folder that does not verify.
+    Raises CheckpointError if checkpoints exist but none verifies (never a silent restart)."""
+    folders = step_folders(run_dir)
+    problems = []
+    for path in folders:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            problems.append(err)
+            if on_corrupt is not None:
+                on_corrupt(path, err)
+    if folders:
+        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: "
+                              + "; ".join(str(e) for e in problems))
+    return None
+
+
 def latest(run_dir) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
-    return path
+    """The newest intact checkpoint folder of a run (None if it has none); see newest_good."""
+    return newest_good(run_dir)
+
+
+def set_aside(path) -> Path:
+    """Rename a corrupt checkpoint folder to ``corrupt-step-<N>`` (kept for inspection, and
+    no longer a candidate for resuming or pruning)."""
+    path = Path(path)
+    target = path.with_name("corrupt-" + path.name)
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"corrupt{n}-" + path.name), n + 1
+    os.replace(path, target)
+    return target
+
+
+def remove_partial_writes(run_dir) -> list[Path]:
+    """Delete the temporary ``.step-*`` folders that a kill during a checkpoint write leaves
+    behind; returns them. Only call it while holding the run's lock (a live writer's
+    temporary folder looks the same)."""
+    root = Path(run_dir) / "checkpoints"
+    leftovers = sorted(p for p in root.glob(".step-*") if p.is_dir()) if root.is_dir() else []
+    for p in leftovers:
+        shutil.rmtree(p)
+    return leftovers
 
 
 def read_state(path) -> dict:
-    """state.json of a checkpoint folder, after checking that its files are intact."""
+    """state.json of a checkpoint folder, after checking that the folder is intact."""
     path = Path(path)
+    verify(path)
     try:
-        meta = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:  # verified, so only a race with a writer gets here
         raise CheckpointError(f"{path}: unreadable state.json ({err})") from None
-    for name, digest in meta.get("sha256", {}).items():
-        if not (path / name).exists() or _sha256(path / name) != digest:
-            raise CheckpointError(f"{path / name} is missing, corrupt or truncated (SHA-256 mismatch)")
-    return meta
 
 
 def load(path, model, optimizer=None) -> dict:

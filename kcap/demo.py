@@ -44,8 +44,6 @@ def run_demo(out: str | Path, preset: str | None = None) -> dict:
     """Train the preset (cpu, or gpu when CUDA is there) in ``out``; resumes if interrupted."""
     import torch
 
-    from kcap.plots import plot_run
-
     preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -53,7 +51,7 @@ def run_demo(out: str | Path, preset: str | None = None) -> dict:
     print(f"kcap demo ({preset} preset): {cfg.model} on bioS({cfg.data.n:,}, {cfg.data.variant}), "
           f"{cfg.exposures} exposures, context {cfg.window}; run folder {out}")
     report = train(cfg, out, resume=True)
-    png = plot_run(out)
+    png = Path(out) / "training.png"  # drawn by train() from the run's log
     print("\n" + table(report))
     print(f"\n  [{report['metric']['param_convention']}]\nreport: {Path(out) / 'report.json'}; plot: {png}")
     return report

@@ -19,10 +19,16 @@ def _run_config(run_dir: Path):
 
 
 def checkpoint_folder(path) -> Path:
-    """A checkpoint folder from a run folder (its latest checkpoint) or a checkpoint folder."""
+    """A checkpoint folder from a run folder (its newest intact checkpoint, with a warning
+    for each newer one that is corrupt) or a checkpoint folder."""
+    from kcap.console import warn
+
     path = Path(path)
+    if (path / "quantized.json").exists() and (path / "checkpoints").is_dir():
+        raise ValueError(f"{path} holds both a training run and a quantized model; kcap refuses "
+                         "to guess which one you mean (quantize into a folder of its own)")
     if (path / "checkpoints").is_dir():
-        path = checkpoint.latest(path) or path
+        path = checkpoint.newest_good(path, lambda p, err: warn(f"{err}; using an older checkpoint")) or path
     if not (path / "state.json").exists():
         raise ValueError(f"{path} is neither a run folder with checkpoints nor a checkpoint folder")
     return path
@@ -40,7 +46,7 @@ def load_run(path, device: str = "auto"):
     from kcap.train import build_data
 
     path = Path(path)
-    quantized = (path / "quantized.json").exists()
+    quantized = (path / "quantized.json").exists() and not (path / "checkpoints").is_dir()
     if quantized:
         meta = json.loads((path / "quantized.json").read_text())
         run_dir = Path(meta["run_dir"])

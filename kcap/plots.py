@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kcap.atomic import atomic_path
-from kcap.train import read_log
+from kcap.run_log import read_log
 
 
 def plot_run(run_dir, path=None) -> Path:

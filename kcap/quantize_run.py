@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kcap.run_lock import LOCK_NAME, run_lock
+
 
 def calibration_batches(dataset, window: int, people: int, batch_size: int = 8, seed: int = 0):
     """(B, window) id batches holding ``people`` whole training biographies (GPTQ's
@@ -16,13 +18,45 @@ def calibration_batches(dataset, window: int, people: int, batch_size: int = 8, 
     return [torch.from_numpy(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)]
 
 
+def check_output_folder(out) -> Path:
+    """``out`` as a Path, refused if it lies in (or is) a run folder or a checkpoint folder,
+    or is a non-empty folder that does not hold an earlier quantized model: writing there
+    would overwrite a training checkpoint or make ``kcap eval RUN`` silently evaluate the
+    quantized model instead of the run."""
+    out = Path(out)
+    for folder in [out, *out.resolve().parents]:
+        run = (folder / "checkpoints").is_dir() or (
+            (folder / "config.json").is_file() and (folder / "log.jsonl").is_file())
+        if run:
+            raise ValueError(f"--out {out} lies inside the run folder {folder}; quantize into a "
+                             "folder of its own (for example next to the run)")
+        if (folder / "state.json").is_file():
+            raise ValueError(f"--out {out} lies inside the checkpoint folder {folder}; quantize "
+                             "into a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) \
+            and not (out / "quantized.json").is_file():
+        raise ValueError(f"--out {out} is a folder that holds other files; choose an empty or new one")
+    return out
+
+
 def quantize_run(path, out, bits: int, method: str = "gptq", group_size: int = 128,
                  calibration: int = 1000, include_head: bool = False) -> dict:
-    """Quantize the checkpoint at ``path`` and save it in ``out``; return the metadata."""
-    from kcap.evaluate_checkpoint import checkpoint_folder, load_run
+    """Quantize the checkpoint at ``path`` and save it in ``out``; return the metadata.
+    ``out`` must be a new folder, an empty one or an earlier quantized model's (replaced)."""
+    from kcap.evaluate_checkpoint import checkpoint_folder
+
+    out = check_output_folder(out)
+    folder = checkpoint_folder(path)
+    with run_lock(out, "quantize"):
+        return _quantize(folder, out, bits, method, group_size, calibration, include_head)
+
+
+def _quantize(folder: Path, out: Path, bits, method, group_size, calibration, include_head) -> dict:
+    from kcap.evaluate_checkpoint import load_run
     from kcap.quantize import quantize_model, save_quantized
 
-    folder = checkpoint_folder(path)
     cfg, ds, model, _ = load_run(folder, device="cpu")
     batches = calibration_batches(ds, cfg.window, calibration) if method == "gptq" else None
     layers, skipped = quantize_model(model, bits, method, group_size, batches, include_head)
@@ -30,5 +64,5 @@ def quantize_run(path, out, bits: int, method: str = "gptq", group_size: int = 1
             "layers": layers, "skipped": skipped, "source": str(folder.resolve()),
             "run_dir": str(folder.parent.parent.resolve()),
             "calibration_biographies": calibration if method == "gptq" else 0}
-    save_quantized(Path(out), model, meta)
+    save_quantized(out, model, meta)
     return meta

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-from kcap import checkpoint
+from kcap import checkpoint, run_log, run_plan
+from kcap.console import note, warn
+from kcap.run_lock import run_lock
+from kcap.run_log import read_log  # noqa: F401  (re-exported: the log's reader)
 from kcap.budget import count_tokens, learning_rate, paper_recipe, steps_for
 from kcap.run_config import PRECISIONS, DataConfig, TrainConfig  # noqa: F401  (re-exported)
 
@@ -84,49 +88,75 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(d))
 
 
-def read_log(run_dir) -> list[dict]:
-    """Records of a run's log.jsonl (train and eval lines)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _resume_point(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: start from step 0). On the main rank, corrupt
+    newer checkpoints are set aside with a warning; without ``resume``, a folder holding
+    checkpoints is refused, so nothing overwrites a good checkpoint."""
+    folders = checkpoint.step_folders(run_dir)
+    if folders and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints ({folders[0].name}); pass resume "
+                         "(--resume) to continue it, or choose a new run folder")
+    corrupt = []
+    good = checkpoint.newest_good(run_dir, lambda path, err: corrupt.append((path, err)))
+    # only once an intact one is found: a run whose checkpoints are all corrupt keeps them
+    # (newest_good raised), so the next attempt cannot silently restart from step 0
+    for path, err in corrupt if is_main else ():
+        aside = checkpoint.set_aside(path)
+        warn(f"{err}; skipped (moved to {aside.name}), resuming from an older checkpoint")
+    return good
 
 
-def _append_log(run_dir: Path, record: dict):
-    with open(run_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+@contextmanager
+def _threads(count: int | None):
+    """Run with ``count`` CPU threads (None: as is); the caller's setting comes back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate and write ``run_dir/report.json``; return the report.
+    """Train, evaluate and write ``run_dir/report.json`` and ``training.png``; return the report.
 
-    ``resume``: continue from the run's latest checkpoint (refused if it belongs to another
-    configuration). Without it, a run folder that already holds checkpoints is refused, so
-    nothing overwrites a good checkpoint.
+    ``resume``: continue from the run's newest intact checkpoint (refused if it belongs to
+    another configuration). Without it, a run folder that already holds checkpoints is
+    refused. The main rank holds the run folder's lock (kcap.run_lock) throughout, so a
+    second writer into the same folder is refused instead of mixing two runs.
     """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
     from kcap import distributed
-    from kcap.atomic import write_json, write_text
-    from kcap.data.tokenizer import PAD_ID
-    from kcap.models import build_model, parameter_report
 
     run_dir = Path(run_dir)
     dist = distributed.init()
+    with (run_lock(run_dir, "train") if dist.is_main else nullcontext()):
+        return _train(cfg, run_dir, resume, progress, dist)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) -> dict:
+    import torch
+
+    from kcap.atomic import write_json
+    from kcap.capacity import data_bits_max
+    from kcap.models import build_model, parameter_report
+
     device = dist.device(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if precision != "fp32" and device.type == "cpu":
         raise ValueError(f"precision {precision!r} needs a GPU; use fp32 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     plan = resolve(cfg, dist.world)
-    steps, warmup = plan["steps"], plan["warmup"]
-    existing = checkpoint.latest(run_dir)
-    if existing is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints ({existing.name}); pass resume "
-                         "(--resume) to continue it, or choose a new run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = plan["steps"]
+    if dist.is_main:
+        for leftover in checkpoint.remove_partial_writes(run_dir):
+            note(f"removed {leftover.name}, a checkpoint write cut short by a kill")
+        existing = _resume_point(run_dir, resume, True)
+    dist.barrier()
+    if not dist.is_main:  # after the main rank has set corrupt checkpoints aside
+        existing = _resume_point(run_dir, resume, False)
 
     torch.manual_seed(cfg.seed)
     ds, stream, _ = build_data(cfg, dist.rank, dist.world)
@@ -136,8 +166,8 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = parameter_report(model, ds.used_token_ids())
     fingerprint = _fingerprint(cfg)
-    step = 0
-    if resume and existing is not None:
+    step, threads = 0, None
+    if existing is not None:
         meta = checkpoint.load(existing, model, opt)
         if meta.get("fingerprint") != fingerprint:
             raise checkpoint.CheckpointError(
@@ -148,12 +178,53 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
                                              f"this run has {dist.world}")
         stream.load_state_dict(meta["streams"][dist.rank])
         step = meta["step"]
-        if dist.is_main:  # drop log lines written after the checkpoint
-            kept = [r for r in read_log(run_dir) if r["step"] <= step]
-            write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        threads = _threads_to_resume_with(meta.get("cpu_threads"), device)
+        if dist.is_main:
+            note(f"resuming {run_dir} from {existing.relative_to(run_dir)} (step {step:,} of {steps:,})")
     if dist.is_main:
+        dropped = run_log.keep_until(run_dir, step)  # records written after the checkpoint
+        if dropped:
+            note(f"dropped {dropped} log record(s) written after step {step:,} (they are redone)")
+        bits_max = data_bits_max(ds)
+        for line in run_plan.describe(cfg, plan, params, bits_max, precision, str(device)):
+            note(line)
         write_json(run_dir / "config.json", {"config": asdict(cfg), "plan": plan, "params": params,
                                              "precision": precision, "world_size": dist.world})
+    with _threads(threads):
+        return _loop(cfg, run_dir, dist, device, precision, dtype, plan, ds, stream, model, opt,
+                     scaler, params, fingerprint, step, progress)
+
+
+def _threads_to_resume_with(recorded: int | None, device) -> int | None:
+    """CPU results depend on the thread count (how reductions are split), so a resumed CPU
+    run uses the count the run was trained with when this machine has the cores for it."""
+    import os
+
+    import torch
+
+    if device.type != "cpu" or recorded is None or recorded == torch.get_num_threads():
+        return None
+    if recorded <= (os.cpu_count() or 1):
+        note(f"resuming with {recorded} CPU thread(s) as the run was trained (not "
+             f"{torch.get_num_threads()}): CPU results depend on the thread count")
+        return recorded
+    warn(f"this run was trained with {recorded} CPU threads and this machine has "
+         f"{os.cpu_count()} cores: it goes on with {torch.get_num_threads()}, so its weights "
+         "will differ in the last bits from an uninterrupted run")
+    return None
+
+
+def _loop(cfg, run_dir, dist, device, precision, dtype, plan, ds, stream, model, opt, scaler,
+          params, fingerprint, step, progress) -> dict:
+    """The training loop from ``step``, then the final evaluation and report."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from kcap.atomic import write_json
+    from kcap.data.tokenizer import PAD_ID
+
+    steps, warmup = plan["steps"], plan["warmup"]
     net = dist.wrap(model)
     forward = torch.compile(net) if cfg.compile else net
 
@@ -175,7 +246,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
         states = dist.gather(stream.state_dict())
         if dist.is_main:
             checkpoint.save(run_dir, at, model, opt, {
-                "fingerprint": fingerprint, "streams": states,
+                "fingerprint": fingerprint, "streams": states, "cpu_threads": torch.get_num_threads(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None},
                 keep=cfg.keep_checkpoints)
         dist.barrier()
@@ -183,6 +254,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
 
     bar = tqdm(total=steps, initial=step, unit="step", disable=not (progress and dist.is_main),
                dynamic_ncols=True)
+    pace = run_plan.Pace(step, steps)
     tokens_per_step = plan["batch_size"] * cfg.window
     clock, last_step = time.perf_counter(), step
     model.train()
@@ -214,19 +286,23 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        measured = pace.after_step(step) if dist.is_main else None
+        if measured:
+            (warn if measured[1] else note)(measured[0])
         if dist.is_main and (step % max(1, cfg.log_every) == 0 or step == steps):
             elapsed = time.perf_counter() - clock
             rate = (step - last_step) * tokens_per_step / max(elapsed, 1e-9)
             clock, last_step = time.perf_counter(), step
-            _append_log(run_dir, {"step": step, "loss": loss.item(), "lr": lr,
-                                  "tokens": step * tokens_per_step, "tokens_per_s": rate,
-                                  "exposures": stream_exposures(stream) * dist.world})
+            run_log.append_record(run_dir, {"step": step, "loss": loss.item(), "lr": lr,
+                                            "tokens": step * tokens_per_step, "tokens_per_s": rate,
+                                            "exposures": stream_exposures(stream) * dist.world})
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
             if dist.is_main:
                 r = evaluate()
-                _append_log(run_dir, {"step": step, "eval": r.to_dict()})
-                bar.write(f"step {step}: {r.bits:,.0f} bits, R = {r.R:.3f} (R_max {r.R_max:.3f})")
+                run_log.append_record(run_dir, {"step": step, "eval": r.to_dict()})
+                bar.write(f"step {step}: {r.bits:,.0f} bits, R = {r.R:.3f} (R_max {r.R_max:.3f})"
+                          + (NEGATIVE_BITS if r.bits < 0 else ""))
             dist.barrier()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps:
             save(step)
@@ -238,7 +314,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
     report = {}
     if dist.is_main:
         r = evaluate()
-        _append_log(run_dir, {"step": step, "eval": r.to_dict()})
+        run_log.append_record(run_dir, {"step": step, "eval": r.to_dict()})
         report = {"people": ds.n_people, "bits_in_data": r.bits_max,
                   "params_counted": params["counted"], "params_total": params["total"],
                   "params_active": params["active"], "bits_learned": r.bits,
@@ -248,8 +324,16 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
                   "device": str(device), "world_size": dist.world, "param_checksums": checksums,
                   "metric": r.to_dict()}
         write_json(run_dir / "report.json", report)
+        from kcap.plots import plot_run
+        plot_run(run_dir)
     dist.shutdown()
     return report
+
+
+# Said wherever bits are printed: early in training a model's losses on the values can still
+# exceed the uniform guess over the pools, which the formula counts as negative knowledge.
+NEGATIVE_BITS = ("  (negative: the model's losses are still above a uniform guess over the "
+                 "pools; normal early in training)")
 
 
 def stream_exposures(stream) -> float:
