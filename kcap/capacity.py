@@ -106,7 +106,10 @@ class CapacityReport:
         return (f"{self.data}: {self.bits:,.0f} bits of {self.bits_max:,.0f} (name "
                 f"{self.name_bits:,.0f}, value {self.value_bits:,.0f}{div}); P = {self.n_params:,}"
                 f"; R = {self.R:.3f}{ci} bits/param, R_max = {self.R_max:.3f}; evaluated "
-                f"{self.n_evaluated:,} of {self.n_people:,} people\n  [{self.param_convention}]")
+                f"{self.n_evaluated:,} of {self.n_people:,} people\n  [{self.param_convention}]"
+                + ("\n  [negative bits: the model's losses are still above a uniform guess over "
+                   "the pools (an untrained or early model); the formula counts that as negative "
+                   "knowledge]" if self.bits < 0 else ""))
 
 
 def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityReport:

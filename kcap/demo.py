@@ -31,7 +31,9 @@ def table(report: dict) -> str:
     rows = [("people", f"{report['people']:,}"),
             ("bits in the data", f"{report['bits_in_data']:,.0f}"),
             ("parameters counted", f"{report['params_counted']:,}"),
-            ("bits learned", f"{report['bits_learned']:,.0f}"),
+            ("bits learned", f"{report['bits_learned']:,.0f}"
+             + (" (negative: losses still above a uniform guess over the pools)"
+                if report["bits_learned"] < 0 else "")),
             ("R(F) bits/param", f"{report['capacity_ratio']:.3f}"),
             ("R_max(F) bits/param", f"{report['capacity_ratio_max']:.3f}")]
     for attr, acc in report["metric"]["attribute_accuracy"].items():

@@ -159,3 +159,17 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.model and cfg.data.n >= 1
+
+
+def test_the_1000_exposure_config_can_show_the_2_bit_law():
+    """Its data must hold well over 2 bits per counted parameter: R <= R_max, so a config
+    with R_max below 2 could never show the paper's law (the first version had R_max 0.30)."""
+    from kcap.capacity import data_bits_max
+    from kcap.models import build_model, parameter_report
+    from kcap.train import build_data
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "bios-gpt2-1000x.toml")
+    ds, _, _ = build_data(cfg)
+    model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window, **cfg.model_options)
+    r_max = data_bits_max(ds) / parameter_report(model, ds.used_token_ids())["counted"]
+    assert cfg.exposures == 1000 and r_max > 3
