@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kcap.run_lock import LOCK_NAME, run_lock
+from kcap.run_lock import LOCK_NAME, enclosing_run, run_lock
 
 
 def calibration_batches(dataset, window: int, people: int, batch_size: int = 8, seed: int = 0):
@@ -24,12 +24,11 @@ def check_output_folder(out) -> Path:
     would overwrite a training checkpoint or make ``kcap eval RUN`` silently evaluate the
     quantized model instead of the run."""
     out = Path(out)
+    run = enclosing_run(out)
+    if run is not None:
+        raise ValueError(f"--out {out} lies inside the run folder {run}; quantize into a "
+                         "folder of its own (for example next to the run)")
     for folder in [out, *out.resolve().parents]:
-        run = (folder / "checkpoints").is_dir() or (
-            (folder / "config.json").is_file() and (folder / "log.jsonl").is_file())
-        if run:
-            raise ValueError(f"--out {out} lies inside the run folder {folder}; quantize into a "
-                             "folder of its own (for example next to the run)")
         if (folder / "state.json").is_file():
             raise ValueError(f"--out {out} lies inside the checkpoint folder {folder}; quantize "
                              "into a folder of its own")

@@ -28,6 +28,19 @@ class RunFolderBusy(RuntimeError):
     """Another process is writing into this folder."""
 
 
+def is_run_folder(folder) -> bool:
+    """Whether ``folder`` is a training run's folder (what kcap train writes)."""
+    folder = Path(folder)
+    return (folder / "checkpoints").is_dir() or (
+        (folder / "config.json").is_file() and (folder / "log.jsonl").is_file())
+
+
+def enclosing_run(path) -> Path | None:
+    """The run folder that ``path`` is (or lies inside), or None."""
+    path = Path(path)
+    return next((f for f in [path, *path.resolve().parents] if is_run_folder(f)), None)
+
+
 def holder(folder) -> dict | None:
     """What the lock file of ``folder`` says about its (last) holder, or None."""
     try:

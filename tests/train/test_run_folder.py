@@ -282,3 +282,15 @@ def test_eval_refuses_a_folder_that_is_both_run_and_quantized(tmp_path, straight
     (mixed / "quantized.json").write_text("{}")
     with pytest.raises(ValueError, match="both a training run and a quantized model"):
         evaluate_checkpoint(mixed, device="cpu")
+
+
+def test_eval_writing_into_a_run_takes_its_lock(tmp_path, straight, capsys):
+    from kcap.cli import main
+
+    target = straight / "eval.json"
+    with run_lock(straight, "train"):
+        assert main(["eval", str(straight), "--sample", "10", "--json", str(target)]) == 2
+    assert "in use by another kcap process (train" in capsys.readouterr().err
+    assert not target.exists()
+    assert main(["eval", str(straight), "--sample", "10", "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["n_evaluated"] == 10
