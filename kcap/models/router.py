@@ -30,6 +30,12 @@ its variable-length outputs keep their maximum size: ``perm`` has T*k entries an
 end, and ``sizes`` holds (n_kept, n_padded, n_blocks) on the device. For the same reason it
 does not raise on non-finite logits: it drops every assignment of such tokens and counts
 them in ``non_finite`` (on the CPU, and in the reference, they are a ValueError).
+
+Processes: the C++ extensions check every argument themselves (csrc/README.md). The CPU
+router runs on an OpenMP thread pool, which does not survive ``fork()``: in a forked child it
+routes serially instead of hanging, but torch's own parallel CPU ops do hang there. So
+multi-process runners (sweeps, workers) must start their workers with the 'spawn' method,
+``multiprocessing.get_context("spawn")``, never 'fork'.
 """
 from __future__ import annotations
 
@@ -124,6 +130,13 @@ def cpp_available(device) -> bool:
     return True
 
 
+def _bf16_bits(logits: torch.Tensor) -> torch.Tensor:
+    """logits detached, bfloat16 reinterpreted as int16 bits (numpy and the CUDA array
+    interface have no bfloat16; the extensions read the bits back as bfloat16)."""
+    logits = logits.detach()
+    return logits.view(torch.int16) if logits.dtype == torch.bfloat16 else logits
+
+
 def _route_cpu(logits, k, capacity_factor, block) -> Routing:
     from kcap import _router_cpu as ext
 
@@ -139,15 +152,14 @@ def _route_cpu(logits, k, capacity_factor, block) -> Routing:
     padded, block_expert = torch.empty(max_padded, **i64), torch.empty(max_padded // block + E, **i64)
     scalars = torch.zeros(4, dtype=torch.float64)
     capacity = _capacity(T, k, E, capacity_factor)
-    status = ext.route(logits.data_ptr(), _DTYPES[logits.dtype], T, E, k,
-                       -1 if capacity_factor is None else capacity, block, expert.data_ptr(),
-                       gate.data_ptr(), dropped.data_ptr(), prob_sum.data_ptr(), counts.data_ptr(),
-                       offsets.data_ptr(), perm.data_ptr(), inverse.data_ptr(), padded.data_ptr(),
-                       block_expert.data_ptr(), scalars.data_ptr(), torch.get_num_threads())
+    # Zero-copy numpy views: the extension checks each one's item type and size itself.
+    status = ext.route(_bf16_bits(logits).numpy(), _DTYPES[logits.dtype], T, E, k,
+                       -1 if capacity_factor is None else capacity, block, expert.numpy(),
+                       gate.numpy(), dropped.numpy(), prob_sum.numpy(), counts.numpy(),
+                       offsets.numpy(), perm.numpy(), inverse.numpy(), padded.numpy(),
+                       block_expert.numpy(), scalars.numpy(), torch.get_num_threads())
     if status == ext.NON_FINITE:
         raise ValueError("router logits contain NaN or inf")
-    if status != ext.OK:
-        raise ValueError(f"router rejected its arguments (status {status})")
     z_sum, n_kept, n_padded, n_blocks = (int(v) if i else v for i, v in enumerate(scalars.tolist()))
     frac = torch.bincount(expert, minlength=E).float() / max(n, 1)
     return Routing(expert.view(T, k), gate.view(T, k), dropped.view(T, k).bool(), counts, offsets,
@@ -174,13 +186,14 @@ def _route_cuda(logits, k, capacity_factor, block) -> Routing:
     padded, block_expert = new(max_blocks * block), new(max_blocks)
     sizes, status = new(3), new(1)
     capacity = _capacity(T, k, E, capacity_factor)
-    ptr = lambda t: t.data_ptr()  # noqa: E731
-    code = ext.route_cuda(_DTYPES[logits.dtype], T, E, k, -1 if capacity_factor is None else capacity,
-                          block, max_blocks, torch.cuda.current_stream(dev).cuda_stream, ptr(logits),
-                          ptr(expert), ptr(gate), ptr(zterm), ptr(bad), ptr(dropped), ptr(hist),
-                          ptr(base), ptr(total), ptr(counts), ptr(offsets), ptr(pad_offsets),
-                          ptr(perm), ptr(inverse), ptr(padded), ptr(block_expert), ptr(sizes),
-                          ptr(status))
+    # The tensors go as they are (their __cuda_array_interface__ is checked in C++); the
+    # kernels run on the current device, so make it the logits' device.
+    with torch.cuda.device(dev):
+        code = ext.route_cuda(_DTYPES[logits.dtype], T, E, k,
+                              -1 if capacity_factor is None else capacity, block, max_blocks,
+                              torch.cuda.current_stream(dev).cuda_stream, _bf16_bits(logits),
+                              expert, gate, zterm, bad, dropped, hist, base, total, counts, offsets,
+                              pad_offsets, perm, inverse, padded, block_expert, sizes, status)
     if code != 0:
         raise RuntimeError(f"the CUDA router failed to launch (code {code})")
     frac = total.float() / max(n, 1)
