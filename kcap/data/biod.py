@@ -21,23 +21,53 @@ from kcap.data import counter_rng as rng
 from kcap.data.arguments import check_int, check_people
 from kcap.data.bios import distinct_values
 from kcap.data.labels import SPECIAL, TEXT, VALUE, Attribute, TokenLabels
+from kcap.data.memory_budget import RENDER_BYTES_PER_TOKEN, check_memory
 from kcap.data.pools import N_FULL_NAMES, load_pools, split_name_id
 from kcap.data.token_table import Rendered, TokenTable, add_name_rows
 from kcap.data.tokenizer import EOS_ID, Tokenizer, default_tokenizer
 
 MAX_K = 99  # attribute numbers are single tokens " 1" .. " 99"
+MAX_C = (1 << 15) - 1  # chunk indices are int16 labels
 _EXACT_LIMIT = 1 << 62  # chunk spaces up to this size are sampled through a permutation
+_SPACE_CAP = 1 << 1024  # T^L is only compared with D and _EXACT_LIMIT: larger is as good
+# Constructor memory (bytes, fitted with tracemalloc and rounded up): each of the K*D chunk
+# rows lives in Python lists while the table is built, a row base plus a cost per symbol;
+# each of the T alphabet symbols costs a tokenizer entry; drawing D codes takes temporaries.
+_ROW_BYTES, _ROW_SYMBOL_BYTES, _SYMBOL_BYTES, _DRAW_BYTES = 160, 80, 64, 128
+_LENGTHS_CHUNK_ENTRIES = 1 << 22  # lengths() gathers at most this many entries at a time
 
 
 @dataclass(frozen=True)
 class BioDConfig:
-    n: int   # people
-    k: int   # attributes
-    c: int   # chunks per value
-    d: int   # distinct chunks per attribute
+    n: int   # people, 1 .. N0
+    k: int   # attributes, 1 .. MAX_K
+    c: int   # chunks per value, 1 .. MAX_C
+    d: int   # distinct chunks per attribute, 1 .. T^L
     l: int   # symbols per chunk  # noqa: E741
     t: int   # alphabet size
-    seed: int = 0
+    seed: int = 0  # 0 .. 2**63 - 1
+
+
+def chunk_space(t: int, l: int) -> int:  # noqa: E741
+    """T^L exactly, or 2**1024 when larger (cheap even for a huge L)."""
+    if t > 1 and l * (t.bit_length() - 1) >= 1024:  # T^L >= 2**(L * floor(log2 T))
+        return _SPACE_CAP
+    return min(t ** l, _SPACE_CAP)
+
+
+def biography_tokens(c: BioDConfig) -> int:
+    """An upper bound on the tokens of one biography: K sentences of a 3-token name, a
+    6-token "'s ID a is ", C chunks of L symbols, C - 1 commas and a period; then EOS."""
+    return c.k * (c.c * (c.l + 1) + 10) + 1
+
+
+def memory_estimate(c: BioDConfig) -> dict[str, tuple[int, str]]:
+    """Bytes the constructor and one rendering need, by part: {part: (bytes, what to lower)}."""
+    return {"its K x D chunks of L symbols": (
+                c.k * c.d * (_ROW_BYTES + _ROW_SYMBOL_BYTES * c.l) + c.d * _DRAW_BYTES, "K, D or L"),
+            "its alphabet of T symbols": (c.t * _SYMBOL_BYTES, "T"),
+            "one biography of K x C chunks of L symbols": (
+                RENDER_BYTES_PER_TOKEN * biography_tokens(c), "K, C or L")}
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,15 +81,22 @@ class BioD:
     kind = "bioD"
 
     def __init__(self, config: BioDConfig):
+        if not isinstance(config, BioDConfig):
+            raise TypeError(f"config must be a BioDConfig, got {type(config).__name__}")
         c = config
         check_int("n", c.n, 1, N_FULL_NAMES)
         check_int("k", c.k, 1, MAX_K)
-        check_int("c", c.c, 1)
+        check_int("c", c.c, 1, MAX_C)
         check_int("l", c.l, 1)
         check_int("t", c.t, 1)
-        check_int("seed", c.seed, 0)
-        self.space = c.t ** c.l  # exact Python int
+        check_int("seed", c.seed, 0, rng.MAX_SEED)
+        self.space = chunk_space(c.t, c.l)
         check_int("d", c.d, 1, self.space)  # D distinct chunks need D <= T^L
+        parts = memory_estimate(c)
+        part, (_, lower) = max(parts.items(), key=lambda item: item[1][0])
+        check_memory(sum(b for b, _ in parts.values()),
+                     f"bioD with K={c.k:,}, C={c.c:,}, D={c.d:,}, L={c.l:,}, T={c.t:,} (mostly "
+                     f"{part})", lower)
         self.config = c
         self.n_people = c.n
         self.n_names = N_FULL_NAMES
@@ -153,9 +190,15 @@ class BioD:
                                                      np.repeat(persons, lengths)))
 
     def lengths(self, persons, exposures) -> np.ndarray:
-        """Token count (B,) of each biography, without rendering it."""
+        """Token count (B,) int64 of each biography, without rendering it."""
         persons, exposures = check_people(persons, exposures, self.n_people)
-        return self._table.lengths[self._entries(persons, exposures)].sum(axis=1)
+        c = self.config
+        step = max(1, _LENGTHS_CHUNK_ENTRIES // (c.k * (4 + 2 * c.c) + 1))  # bounded memory
+        out = np.empty(len(persons), np.int64)
+        for lo in range(0, len(persons), step):
+            entries = self._entries(persons[lo:lo + step], exposures[lo:lo + step])
+            out[lo:lo + step] = self._table.lengths[entries].sum(axis=1)
+        return out
 
     def _entries(self, persons, exposures) -> np.ndarray:
         c, B = self.config, len(persons)

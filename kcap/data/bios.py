@@ -37,6 +37,7 @@ GENDER = len(ATTRIBUTES)  # attribute index of the pronoun's gender, after the s
 _PRONOUNS = {"subj": ("He", "She"), "poss": ("His", "Her"), "he": ("he", "she"),
              "his": ("his", "her"), "him": ("him", "her")}
 _SPLIT_RE = re.compile(r"(\{(?:subj|poss|he|his|him|value)\})")
+MAX_RENDERINGS = 10 ** 9  # multiM: more renderings than any run has exposures
 # Columns of the per-person matrix that fills template slots: 0 is "constant".
 _COL_FIRST, _COL_MIDDLE, _COL_LAST, _COL_VALUE = 1, 2, 3, 4
 
@@ -66,6 +67,10 @@ def parse_variant(spec: str) -> Variant:
         elif part == "fullname":
             fullname = True
         elif re.fullmatch(r"multi[1-9][0-9]*", part):
+            # bounded before int(): a million digits would stall int() and overflow int64 math
+            if len(part) - 5 > len(str(MAX_RENDERINGS)) or int(part[5:]) > MAX_RENDERINGS:
+                raise ValueError(f"variant {spec!r}: multiM needs M <= {MAX_RENDERINGS:,} "
+                                 "renderings; use 'online' for a fresh rendering at every exposure")
             renderings = int(part[5:])
         else:
             raise ValueError(f"unknown bioS variant part {part!r} in {spec!r}; allowed: online, "
@@ -78,7 +83,7 @@ def parse_variant(spec: str) -> Variant:
 @dataclass(frozen=True)
 class BioSConfig:
     n: int                   # number of people, 1 .. N0 - person_offset
-    seed: int = 0
+    seed: int = 0            # 0 .. 2**63 - 1
     variant: str = "online"
     marker: bool = False     # prepend <|useful|> to every biography (junk experiments)
     person_offset: int = 0   # where this set starts in the name permutation
@@ -90,8 +95,10 @@ class BioS:
     kind = "bioS"
 
     def __init__(self, config: BioSConfig):
+        if not isinstance(config, BioSConfig):
+            raise TypeError(f"config must be a BioSConfig, got {type(config).__name__}")
         check_int("n", config.n, 1)
-        check_int("seed", config.seed, 0)
+        check_int("seed", config.seed, 0, rng.MAX_SEED)
         check_int("person_offset", config.person_offset, 0)
         if config.n + config.person_offset > N_FULL_NAMES:
             raise ValueError(f"n + person_offset must be <= N0 = {N_FULL_NAMES:,} distinct full "

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kcap.data.arguments import check_int
+
+MAX_SEED = (1 << 63) - 1  # seeds are non-negative int64: larger ones would wrap onto others
+_MAX_KEY = (1 << 64) - 1
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -28,8 +32,15 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def stream_key(seed: int, tag: str) -> int:
-    """A 64-bit key for one named stream of one seed (tags keep streams independent)."""
-    h = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+    """A 64-bit key for one named stream of one seed (tags keep streams independent).
+
+    seed: int in [0, 2**63 - 1]; anything else is refused (masking it to 64 bits would
+    silently turn 2**64 + 5 into seed 5).
+    """
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    if not isinstance(tag, str):
+        raise TypeError(f"tag must be a str, got {type(tag).__name__}")
+    h = np.array([seed], dtype=np.uint64)
     with np.errstate(over="ignore"):
         for ch in tag.encode():
             h = _mix(h + np.uint64(ch) * _GOLDEN + np.uint64(1))
@@ -37,7 +48,9 @@ def stream_key(seed: int, tag: str) -> int:
 
 
 def hash64(key: int, *indices) -> np.ndarray:
-    """uint64 hash of ``key`` and integer index arrays (broadcast together)."""
+    """uint64 hash of ``key`` (an int in [0, 2**64)) and integer index arrays (broadcast
+    together)."""
+    key = check_int("key", key, 0, _MAX_KEY)
     arrays = [np.asarray(i).astype(np.uint64, copy=False) for i in indices]
     shape = np.broadcast_shapes(*(a.shape for a in arrays)) if arrays else ()
     h = np.full(shape, key, dtype=np.uint64)

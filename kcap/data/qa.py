@@ -11,8 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kcap.data.arguments import check_index_array
+from kcap.data.memory_budget import check_memory
 from kcap.data.pools import birth_date_text
 from kcap.data.templates import ATTRIBUTES, load_questions
+
+_PAIR_BYTES = 384  # a QAPair with its strings (measured ~240 with tracemalloc), rounded up
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ def qa_pairs(dataset, persons=None, attributes=ATTRIBUTES) -> list[QAPair]:
     unknown = [a for a in attributes if a not in ATTRIBUTES]
     if unknown:
         raise ValueError(f"unknown attributes {unknown}; allowed: {list(ATTRIBUTES)}")
+    count = dataset.n_people if persons is None else int(np.size(persons))
+    check_memory(count * len(attributes) * _PAIR_BYTES, f"{count * len(attributes):,} QA pairs",
+                 "the number of persons (ask for them in slices)")
     persons = np.arange(dataset.n_people) if persons is None else persons
     persons = check_index_array("persons", persons, dataset.n_people)
     prof = dataset.profiles(persons)

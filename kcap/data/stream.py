@@ -24,9 +24,11 @@ import numpy as np
 from kcap.data import counter_rng as rng
 from kcap.data.arguments import check_int
 from kcap.data.labels import TokenLabels
+from kcap.data.memory_budget import RENDER_BYTES_PER_TOKEN, check_memory
 from kcap.data.tokenizer import PAD_ID
 
 _MIN_RENDER = 256  # biographies rendered per refill, at least
+_MAX_POSITION = (1 << 62) - 1  # bio positions (rank + W * local) stay far inside int64
 
 
 @dataclass
@@ -48,20 +50,25 @@ class ExposureStream:
     """Windows of ``dataset`` biographies for ``exposures`` exposures per person.
 
     dataset: a BioS or BioD. exposures: int >= 1, or None for an endless stream (junk).
+    seed: int in [0, 2**63 - 1]. A window that would not fit in memory is refused here.
     """
 
     def __init__(self, dataset, exposures: int | None, window: int = 512, seed: int = 0,
                  rank: int = 0, world_size: int = 1, labels: bool = False):
         check_int("window", window, 2)
-        check_int("seed", seed, 0)
+        check_int("seed", seed, 0, rng.MAX_SEED)
         check_int("world_size", world_size, 1)
         check_int("rank", rank, 0, world_size - 1)
-        if exposures is not None:
-            check_int("exposures", exposures, 1)
+        if not all(hasattr(dataset, a) for a in ("n_people", "max_length", "render", "lengths")):
+            raise TypeError(f"dataset must be a BioS or BioD, got {type(dataset).__name__}")
+        if exposures is not None:  # bio positions are int64
+            check_int("exposures", exposures, 1, _MAX_POSITION // dataset.n_people)
         longest = dataset.max_length()
         if longest > window:
             raise ValueError(f"window ({window}) is shorter than a biography of this data set "
                              f"({longest} tokens); use window >= {longest}")
+        self._longest = longest
+        self._check_read_memory(1, window, "window")
         self.dataset, self.exposures, self.window = dataset, exposures, window
         self.rank, self.world_size, self.with_labels = rank, world_size, labels
         self._key = rng.stream_key(seed, "stream/order")
@@ -92,6 +99,13 @@ class ExposureStream:
         return self.total_bios is not None and self.cursor >= self.total_bios
 
     # --- reading ----------------------------------------------------------------------------
+    def _check_read_memory(self, count: int, window: int, lower: str):
+        """Refuse a read whose rendering would not fit: ``count`` windows, or at least a
+        refill of _MIN_RENDER biographies, at RENDER_BYTES_PER_TOKEN."""
+        tokens = max(count * window * 11 // 10 + self._longest, _MIN_RENDER * self._longest)
+        check_memory(tokens * RENDER_BYTES_PER_TOKEN,
+                     f"reading {count:,} window(s) of {window:,} tokens", lower)
+
     def _clear_buffer(self):
         self._tokens = np.empty(0, np.int32)
         self._labels = TokenLabels.padding(0) if self.with_labels else None
@@ -118,6 +132,7 @@ class ExposureStream:
         """The next ``count`` windows (fewer only at the end of a finite stream; the last
         one is then padded). Returns an empty Windows once the stream is exhausted."""
         check_int("count", count, 1)
+        self._check_read_memory(count, self.window, "count (windows per read) or the window")
         need = count * self.window
         self._refill(need)
         take = min(need, len(self._tokens))
@@ -183,12 +198,16 @@ class MixtureStream:
     """
 
     def __init__(self, useful: ExposureStream, junk: ExposureStream, ratio=(1, 7), seed: int = 0):
+        if not (isinstance(useful, ExposureStream) and isinstance(junk, ExposureStream)):
+            raise TypeError("useful and junk must be ExposureStreams, got "
+                            f"{type(useful).__name__} and {type(junk).__name__}")
         if useful.window != junk.window or useful.with_labels != junk.with_labels:
             raise ValueError("useful and junk streams need the same window and labels setting")
         if len(ratio) != 2:
             raise ValueError(f"ratio must be (useful, junk), got {ratio!r}")
         self.u = check_int("ratio[0] (useful)", ratio[0], 1)
         self.j = check_int("ratio[1] (junk)", ratio[1], 0)
+        check_int("seed", seed, 0, rng.MAX_SEED)
         self.useful, self.junk, self.window = useful, junk, useful.window
         self._key = rng.stream_key(seed, "stream/mixture")
         self.window_index = 0

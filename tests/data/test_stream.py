@@ -231,3 +231,14 @@ def test_bad_arguments_raise():
         _mixture((0, 7))
     with pytest.raises(ValueError, match="ratio"):
         _mixture((1, 2, 3))
+
+
+def test_wrong_argument_types_are_named():
+    with pytest.raises(TypeError, match="dataset must be a BioS or BioD, got object"):
+        ExposureStream(object(), E, window=W)
+    with pytest.raises(TypeError, match="useful and junk must be ExposureStreams"):
+        MixtureStream(BIOS, ExposureStream(BIOS, None, window=W))
+    with pytest.raises(TypeError, match="config must be a BioSConfig, got dict"):
+        BioS({"n": 3})
+    with pytest.raises(TypeError, match="config must be a BioDConfig, got NoneType"):
+        BioD(None)
