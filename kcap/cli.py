@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 import numpy as np
@@ -61,13 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=0, help="data seed (profiles, renderings, order)")
+    common.add_argument("--seed", type=int, default=0,
+                        help="data seed, 0 .. 2**63-1 (profiles, renderings, order)")
     common.add_argument("--exposures", type=int, default=1, help="exposures per person to write")
     common.add_argument("--window", type=int, default=512, help="tokens per window")
     common.add_argument("--show", type=int, default=2, help="biographies to print")
-    common.add_argument("--out", help="write the stream's windows to this .npz (tokens, and "
-                                      "labels with --labels)")
-    common.add_argument("--labels", action="store_true", help="also write the label stream")
+    common.add_argument("--out", help="write the stream's windows to this .npz: tokens "
+                                      "(windows, window) uint16 (uint32 past 65,536 ids), and "
+                                      "labels with --labels; refused if it would not fit in memory")
+    common.add_argument("--labels", action="store_true",
+                        help="also write the label stream in the smallest dtypes: field uint8, "
+                             "chunk uint8 (uint16 for C > 255), person uint8/uint16/uint32 by N; "
+                             "-1 (padding) is the dtype's largest value; read back with "
+                             "kcap.data.labels.TokenLabels(field, chunk, person).expand()")
     common.add_argument("--max-windows", type=int, default=None, help="stop after this many")
 
     bios = kinds.add_parser("bios", parents=[common], help="bioS(N)")
@@ -87,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     junk.add_argument("--marker", action="store_true", help="prepend <|useful|> to useful bios")
     qa = kinds.add_parser("qa", help="question/answer pairs of bioS(N)")
     qa.add_argument("--n", type=int, required=True, help="number of people N")
-    qa.add_argument("--seed", type=int, default=0, help="data seed")
+    qa.add_argument("--seed", type=int, default=0, help="data seed, 0 .. 2**63-1")
     qa.add_argument("--people", type=int, default=2, help="people to print")
     return p
 
@@ -126,37 +134,75 @@ def describe(ds) -> str:
             f"{ds.tokenizer.vocab_size:,}, of which the data uses {len(used):,}")
 
 
-def _write_windows(path, stream, max_windows, tokenizer):
+class _OutPlan:
+    """What ``kcap data --out`` will write: dtypes, label bounds and about how many windows.
+
+    The window count is an upper estimate (the stream's end from a sample of biography
+    lengths, 10% over, or --max-windows); refused if the windows, held twice while they are
+    concatenated, would not fit in memory.
+    """
+
+    def __init__(self, args, ds, stream):
+        from kcap.data.labels import VALUE, storage_dtype
+        from kcap.data.memory_budget import check_memory
+
+        useful = getattr(stream, "useful", stream)  # a mixture ends with its useful stream
+        self.people = max(args.n, getattr(args, "junk_n", 0))  # mixtures: either data set
+        self.chunks = getattr(args, "c", 1)
+        self.attributes = len(ds.attributes)
+        self.labels = useful.with_labels
+        self.dtype = np.dtype(np.uint16 if ds.tokenizer.vocab_size <= 1 << 16 else np.uint32)
+        mean = float(ds.lengths(np.arange(min(ds.n_people, 1000)), 0).mean())
+        windows = useful.total_bios * mean * 1.1 / stream.window + 1
+        if useful is not stream:
+            windows = windows * (stream.u + stream.j) / stream.u + stream.u + stream.j
+        self.windows = int(min(windows, args.max_windows or windows))
+        per_token = self.dtype.itemsize
+        if self.labels:
+            per_token += sum(storage_dtype(high).itemsize for high in (
+                VALUE + self.attributes - 1, self.chunks - 1, self.people - 1))
+        check_memory(2 * self.windows * stream.window * per_token,
+                     f"writing about {self.windows:,} windows of {stream.window:,} tokens to "
+                     "--out", "--max-windows, --exposures or --n")
+
+
+def _write_windows(path, stream, max_windows, plan: _OutPlan):
     from tqdm.auto import tqdm
 
     from kcap.atomic import atomic_path
     from kcap.data.labels import TokenLabels
 
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    parts, labels, useful = [], [], []
-    with tqdm(desc="windows", unit="win") as bar:
-        while max_windows is None or len(parts) * 256 < max_windows:
-            w = stream.next_windows(256)
-            if not len(w):
-                break
-            parts.append(w.tokens.astype(dtype))
-            if w.labels is not None:
-                labels.append(w.labels)
-            if w.useful is not None:
-                useful.append(w.useful)
-            bar.update(len(w))
-    tokens = np.concatenate(parts)[:max_windows]
-    arrays = {"tokens": tokens}
-    if useful:
-        arrays["useful"] = np.concatenate(useful)[:max_windows]
-    if labels:
-        lab = TokenLabels.concatenate([x.reshape(-1) for x in labels])
-        n = tokens.size
-        arrays.update(field=lab.field[:n].reshape(tokens.shape),
-                      chunk=lab.chunk[:n].reshape(tokens.shape),
-                      person=lab.person[:n].reshape(tokens.shape))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    per_read = max(1, min(256, (1 << 20) // stream.window))  # ~1M tokens rendered at a time
+    parts, labels, useful, done = [], [], [], 0
+    try:
+        # opened before the work: an unwritable --out fails at once, not after minutes
+        with atomic_path(path) as tmp:
+            with tqdm(total=plan.windows, desc="windows", unit="win") as bar:
+                while max_windows is None or done < max_windows:
+                    w = stream.next_windows(per_read if max_windows is None
+                                            else min(per_read, max_windows - done))
+                    if not len(w):
+                        break
+                    parts.append(w.tokens.astype(plan.dtype))
+                    if w.labels is not None:
+                        labels.append(w.labels.compact(plan.people, plan.chunks, plan.attributes))
+                    if w.useful is not None:
+                        useful.append(w.useful)
+                    done += len(w)
+                    bar.update(len(w))
+            arrays = {"tokens": np.concatenate(parts)}
+            if useful:
+                arrays["useful"] = np.concatenate(useful)
+            if labels:
+                lab = TokenLabels.concatenate(labels)
+                arrays.update(field=lab.field, chunk=lab.chunk, person=lab.person)
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+    except BrokenPipeError:
+        raise
+    except OSError as err:  # name the file the user gave, not the temporary one
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    tokens = arrays["tokens"]
     print(f"wrote {len(tokens):,} windows of {tokens.shape[1]} tokens to {path}")
 
 
@@ -165,20 +211,25 @@ def cmd_data(args):
         from kcap.data.bios import BioS, BioSConfig
         from kcap.data.qa import qa_pairs
 
+        if args.people < 0:
+            raise ValueError(f"--people must be >= 0, got {args.people}")
         ds = BioS(BioSConfig(n=args.n, seed=args.seed))
-        for pair in qa_pairs(ds, np.arange(min(args.people, ds.n_people))):
-            print(pair.text)
+        count = min(args.people, ds.n_people)
+        for lo in range(0, count, 1000):  # a thousand people at a time: memory stays flat
+            for pair in qa_pairs(ds, np.arange(lo, min(lo + 1000, count))):
+                print(pair.text)
         return
     if args.out and not args.out.endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {args.out!r}")
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     ds, stream = _dataset_and_stream(args)
+    plan = _OutPlan(args, ds, stream) if args.out else None  # refuse a huge --out first
     print(describe(ds))
     for person in range(min(args.show, ds.n_people)):
         print(f"\n[person {person}, exposure 0]\n{ds.text(person, 0)}")
     if args.out:
-        _write_windows(args.out, stream, args.max_windows, ds.tokenizer)
+        _write_windows(args.out, stream, args.max_windows, plan)
 
 
 def cmd_demo(args):
@@ -227,13 +278,53 @@ def cmd_quantize(args):
         print(f"  left in floating point: {name} ({why})")
 
 
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # kcap.atomic's temporaries
+
+
+def _os_error_line(err: OSError, args) -> str:
+    """'kcap: error: <what failed>: <path>' for a failed file operation. A write through
+    kcap.atomic names its temporary file: show the target instead. An error without a
+    file (a failed write() on a full disk) names the command's --out."""
+    what = err.strerror or str(err) or type(err).__name__
+    path = err.filename if err.filename is not None else getattr(args, "out", None)
+    if path is not None:
+        path = os.fsdecode(path)
+        match = _ATOMIC_TMP.match(os.path.basename(path))
+        if match:
+            path = os.path.join(os.path.dirname(path), match["name"])
+    return f"kcap: error: {what}" + ("" if path is None else f": {path}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval,
          "quantize": cmd_quantize}[args.command](args)
-    except (ValueError, TypeError, RuntimeError) as err:
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # the reader left (`kcap data ... | head`): stop quietly like other Unix tools; stdout
+        # goes to devnull so the exit's flush cannot complain (the recipe of Python's docs)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a descriptor
+            pass
+        return 1
+    except OSError as err:  # unwritable or full disk, /proc, a folder where a file goes...
+        print(_os_error_line(err, args), file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("kcap: error: out of memory; lower the data, window or model sizes", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:
         print(f"kcap: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # safetensors reports a checkpoint's I/O errors (a full disk...) as its own type, not
+        # OSError; its message names the error and the path
+        safetensors = sys.modules.get("safetensors")
+        if safetensors is None or not isinstance(err, safetensors.SafetensorError):
+            raise
+        print("kcap: error: checkpoint file: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     return 0
 

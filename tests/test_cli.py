@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kcap.cli import main
+from kcap.data.labels import TokenLabels
 
 
 def run(*args):
@@ -26,7 +27,8 @@ def test_data_bios_prints_bits_and_writes_windows(tmp_path, capsys):
     assert "bits" in out and "<|endoftext|>" in out
     z = np.load(path)
     assert z["tokens"].shape[1] == 512 and z["field"].shape == z["tokens"].shape
-    people = z["person"][z["person"] >= 0]
+    labels = TokenLabels(z["field"], z["chunk"], z["person"]).expand()
+    people = labels.person[labels.person >= 0]
     assert np.bincount(people).min() > 0  # everyone appears
 
 
