@@ -8,7 +8,7 @@ CPU (a check that the harness runs, not a speed figure).
 """
 from __future__ import annotations
 
-from bench.harness import kernel_device, save
+from bench.harness import Stages, kernel_device, save
 
 
 def _flops(B, H, T, D, causal, backward):
@@ -48,12 +48,14 @@ def run(quick: bool = False) -> None:
         shapes.append((64, 12, 512, 64))  # the paper's gpt2-12-12 attention
     device = "cuda" if gpu else "cpu"
     rows = []
+    stages = Stages("attention", 2 * len(shapes))
     for B, H, T, D in shapes:
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         do = torch.randn_like(q)
         for mode in ("forward", "forward+backward"):
             case = f"{mode} causal {str(dtype)[6:]} B{B} H{H} T{T} D{D}"
+            stages.start(f"{case}: {', '.join(p for p, _ in _providers(gpu))}")
             for provider, fn in _providers(gpu):
                 def step(fn=fn, mode=mode):
                     if mode == "forward":
@@ -70,4 +72,5 @@ def run(quick: bool = False) -> None:
                 rows.append({"case": case, "kernel": "flash_attention", "provider": provider,
                              "shape": [B, H, T, D], "dtype": str(dtype), "median_s": seconds,
                              "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"})
+    stages.finish()
     save("attention", rows, baseline="sdpa flash" if gpu else "sdpa (cpu)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.harness import save, time_wall
+from bench.harness import Stages, save, time_wall
 from kcap.data.biod import BioD, BioDConfig
 from kcap.data.bios import BioS, BioSConfig
 from kcap.data.stream import ExposureStream
@@ -41,12 +41,15 @@ def run(quick: bool = False) -> None:
                                                                      l=4, t=100))}
     n_bios, n_windows = (300, 2_000) if quick else (2_000, 40_000)
     rows = []
+    stages = Stages("data", 3 * len(cases))
     for case, ds in cases.items():
         for provider, fn in (("python per-biography", lambda: python_baseline(ds, n_bios)),
                              ("kcap stream", lambda: fast(ds, n_windows, False)),
                              ("kcap stream + labels", lambda: fast(ds, n_windows, True))):
+            stages.start(f"{case}: {provider}, 1 + 1 warm-up + 3 timed runs")
             tokens = fn()
             seconds = time_wall(fn, repeats=3)
             rows.append({"case": case, "provider": provider, "tokens": tokens,
                          "median_s": seconds, "throughput": tokens / seconds, "unit": "tokens/s"})
+    stages.finish()
     save("data", rows, baseline="python per-biography")

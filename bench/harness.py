@@ -60,6 +60,41 @@ def environment() -> dict:
     return env
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Stages:
+    """Progress of a benchmark on stderr (stdout keeps the results): a line as each stage
+    starts, with its number, what it measures, the time so far and an estimate of the time
+    left (the mean duration of the stages done, times the stages left; rough when stages
+    differ in size). ``weights`` (optional, one per stage) say how stages compare."""
+
+    def __init__(self, subject: str, total: int, weights=None):
+        if weights is not None and len(weights) != total:
+            raise ValueError(f"weights must have one entry per stage ({total}), got {len(weights)}")
+        self.subject, self.total = subject, total
+        self.weights = list(weights) if weights is not None else [1.0] * total
+        self.started = 0
+        self.begin = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.begin
+        done = sum(self.weights[:self.started])
+        if done:
+            eta = f"about {_clock(elapsed / done * sum(self.weights[self.started:]))} left"
+        else:
+            eta = "time left known after the first stage"
+        self.started += 1
+        print(f"[bench {self.subject} {self.started}/{self.total}] {what} (elapsed "
+              f"{_clock(elapsed)}, {eta})", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        print(f"[bench {self.subject}] {self.started} stages in "
+              f"{_clock(time.perf_counter() - self.begin)}", file=sys.stderr, flush=True)
+
+
 def time_wall(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup``."""
     for _ in range(warmup):

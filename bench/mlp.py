@@ -8,7 +8,7 @@ times an interpreter-sized case on the CPU (a harness check, not a speed figure)
 """
 from __future__ import annotations
 
-from bench.harness import kernel_device, save
+from bench.harness import Stages, kernel_device, save
 
 
 def run(quick: bool = False) -> None:
@@ -28,6 +28,7 @@ def run(quick: bool = False) -> None:
     if compiled is not None:
         providers.insert(1, ("torch.compile", compiled))
     rows = []
+    stages = Stages("mlp", len(shapes))
     for tokens, d, hidden in shapes:
         x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
         w = {name: (torch.randn(*shape, device=device, dtype=dtype) / shape[1] ** 0.5).requires_grad_()
@@ -35,6 +36,7 @@ def run(quick: bool = False) -> None:
         dy = torch.randn(tokens, d, device=device, dtype=dtype)
         flops = 2 * tokens * d * hidden * 3 * 3  # three matmuls, forward + 2x backward
         case = f"forward+backward {str(dtype)[6:]} tokens {tokens} d {d} hidden {hidden}"
+        stages.start(f"{case}: {', '.join(p for p, _ in providers)}")
         for provider, fn in providers:
             def step(fn=fn):
                 y = fn(x, **w, act="silu")
@@ -52,4 +54,5 @@ def run(quick: bool = False) -> None:
                 torch.cuda.synchronize()
                 row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             rows.append(row)
+    stages.finish()
     save("mlp", rows, baseline="eager torch")

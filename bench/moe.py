@@ -6,7 +6,7 @@ loop over experts. One run, ratios against the baselines.
 """
 from __future__ import annotations
 
-from bench.harness import save, time_gpu, time_wall
+from bench.harness import Stages, save, time_gpu, time_wall
 
 
 def run(quick: bool = False) -> None:
@@ -18,10 +18,13 @@ def run(quick: bool = False) -> None:
     logits = torch.randn(65_536, 32)
     routers = [("cpu", logits, f"kcap C++ ({torch.get_num_threads()} threads)",
                 lambda fn: time_wall(fn, repeats=3 if quick else 10))]
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if gpu:
         routers.append(("cuda", logits.cuda(), "kcap CUDA", time_gpu))
+    stages = Stages("moe", 2 * len(routers) + (2 if gpu else 0))
     for device, lg, fast, timer in routers:
         for k in (1, 2):
+            stages.start(f"router {device} T 65536 E 32 k {k}: torch reference and {fast}")
             providers = [("torch reference", lambda: route_reference(lg, k, 2.0))]
             if cpp_available(device):
                 providers.append((fast, lambda: route(lg, k, 2.0, impl="cpp")))
@@ -30,11 +33,12 @@ def run(quick: bool = False) -> None:
                 rows.append({"case": f"router {device} T 65536 E 32 k {k}", "kernel": "moe_router",
                              "provider": provider, "shape": [65_536, 32, k], "dtype": "float32",
                              "median_s": seconds, "throughput": 65_536 / seconds, "unit": "tokens/s"})
-    if torch.cuda.is_available():
+    if gpu:
         from kcap.models import build_model
 
         for d in (512, 1024):
             case = f"moe layer fwd+bwd bf16 tokens 16384 d {d} E 32 top-1"
+            stages.start(f"{case}: torch reference and kcap grouped")
             for provider, impl in (("torch reference", "torch"), ("kcap grouped", "triton")):
                 model = build_model(f"gpt2moe-1-{d // 64}", 1000, mlp_impl=impl).cuda().to(torch.bfloat16)
                 moe = model.blocks[0].mlp.train()
@@ -48,4 +52,5 @@ def run(quick: bool = False) -> None:
                 rows.append({"case": case, "kernel": "moe_layer", "provider": provider,
                              "shape": [16_384, d, 32], "dtype": "bfloat16", "median_s": seconds,
                              "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"})
+    stages.finish()
     save("moe", rows, baseline="torch reference")  # the loop over experts, on the GPU rows

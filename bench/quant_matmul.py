@@ -7,7 +7,7 @@ harness check, not a speed figure).
 """
 from __future__ import annotations
 
-from bench.harness import kernel_device, save
+from bench.harness import Stages, kernel_device, save
 
 
 def run(quick: bool = False) -> None:
@@ -34,6 +34,7 @@ def run(quick: bool = False) -> None:
     else:
         shapes = [(1, 256), (32, 256)]
     rows = []
+    stages = Stages("quant_matmul", len(shapes))
     for M, N in shapes:
         K = N
         w = torch.randn(N, K, device=device) / K ** 0.5
@@ -52,9 +53,11 @@ def run(quick: bool = False) -> None:
                           ("kcap int4 g128 tiled", forced(int4, never)),
                           ("kcap int4 g128 dequant+cuBLAS", forced(int4, always))]
         case = f"M {M} K {K} N {N} {str(dtype)[6:]}"
+        stages.start(f"{case}: {', '.join(p for p, _ in providers)}")
         for provider, fn in providers:
             seconds = timer(fn)
             rows.append({"case": case, "kernel": "quant_matmul", "provider": provider,
                          "shape": [M, K, N], "dtype": str(dtype), "median_s": seconds,
                          "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s"})
+    stages.finish()
     save("quant_matmul", rows, baseline="torch matmul")

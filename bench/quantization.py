@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.harness import RESULTS, environment
+from bench.harness import RESULTS, Stages, environment
 from kcap.atomic import write_json, write_text
 
 VARIANTS = [(8, "rtn", 0), (8, "gptq", 0), (4, "rtn", 64), (4, "gptq", 64),
@@ -21,9 +21,15 @@ def run(run_dir: str | None = None) -> Path:
     from kcap.quantize_run import quantize_run
     from kcap.train import train
 
+    # weights for the time-left estimate: training the preset takes minutes, each evaluation
+    # (with quantization) a fraction of that (a guess: about a tenth on 2 CPU cores)
+    weights = ([] if run_dir else [12]) + [1] * (1 + len(VARIANTS))
+    stages = Stages("quantization", len(weights), weights)
     if run_dir is None:
         run_dir = str(Path(tempfile.mkdtemp(prefix="kcap-quant-")) / "run")
+        stages.start(f"training the demo's CPU preset in {run_dir} (the trainer's bar follows)")
         train(PRESETS["cpu"], run_dir, progress=True)
+    stages.start("evaluating the fp32 model on every person")
     base, _ = evaluate_checkpoint(run_dir, device="cpu")
     rows = [{"weights": "fp32 (trained)", "bits": 32, "method": "-", "group": "-", "layers": "-",
              "bits_learned": base.bits, "R": base.R, "R_vs_full": 1.0,
@@ -31,6 +37,9 @@ def run(run_dir: str | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for bits, method, group in VARIANTS:
             out = Path(tmp) / f"int{bits}-{method}-{group}"
+            calibrated = " (calibrated on 1,000 biographies)" if method == "gptq" else ""
+            grouped = f" group {group}" if group else ""
+            stages.start(f"int{bits} {method}{grouped}: quantizing{calibrated}, evaluating every person")
             meta = quantize_run(run_dir, out, bits, method, group or 128, calibration=1000)
             report, info = evaluate_checkpoint(out, device="cpu")
             rows.append({"weights": f"int{bits}", "bits": bits, "method": method,
@@ -40,6 +49,7 @@ def run(run_dir: str | None = None) -> Path:
                          "bits_per_stored_bit": report.bits / info["stored_bits"],
                          "layers": f"{len(meta['layers'])}/{len(meta['layers']) + len(meta['skipped'])}",
                          "left_in_float": sorted(meta["skipped"])})
+    stages.finish()
     env = environment()
     stem = RESULTS / f"quantization-{'gpu' if env['device'] != env['cpu'] else 'cpu'}-{env['date'][:10]}"
     write_json(stem.with_suffix(".json"), {"subject": "quantization", "environment": env,

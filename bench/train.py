@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from bench.harness import save
+from bench.harness import Stages, save
 from kcap.models import build_model
 from kcap.train import DataConfig, TrainConfig, read_log, train
 
@@ -31,6 +31,7 @@ def flops_per_token(model, context: int) -> float:
 def plain_loop(model_name: str, vocab: int, batch: int, context: int, steps: int, device, dtype) -> float:
     """Tokens/s of the simplest loop: random ids -> forward -> backward -> AdamW."""
     import torch
+    from tqdm.auto import tqdm
 
     torch.manual_seed(0)
     model = build_model(model_name, vocab, context=context).to(device)
@@ -50,7 +51,9 @@ def plain_loop(model_name: str, vocab: int, batch: int, context: int, steps: int
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
+    # a bar, since a CPU case runs for minutes; its updates cost microseconds against steps of
+    # milliseconds
+    for _ in tqdm(range(steps), desc="plain loop steps", leave=False, mininterval=1.0):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -63,7 +66,7 @@ def kcap_trainer(model_name: str, n: int, batch: int, context: int, steps: int, 
                       window=context, batch_size=batch, steps=steps, log_every=max(1, steps // 10),
                       checkpoint_every=0, eval_sample=50, precision=precision)
     with tempfile.TemporaryDirectory() as run:
-        train(cfg, run, progress=False)
+        train(cfg, run, progress=True)  # the trainer's own bar shows the steps
         rates = [r["tokens_per_s"] for r in read_log(run) if "tokens_per_s" in r][1:]
     return statistics.median(rates)
 
@@ -83,14 +86,23 @@ def run(quick: bool = False) -> None:
         cases = [("gpt2-1-1", 8, 128, 40 if quick else 200), ("gpt2-2-4", 8, 512, 6 if quick else 30)]
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in torch.cuda.get_device_name()), None)
     rows = []
-    for name, batch, context, steps in cases:
-        fpt = flops_per_token(build_model(name, vocab, context=context), context)
+    flops = [flops_per_token(build_model(name, vocab, context=context), context)
+             for name, _, context, _ in cases]
+    stages = Stages("train", 2 * len(cases), weights=[fpt * batch * context * steps
+                                                      for fpt, (_, batch, context, steps) in
+                                                      zip(flops, cases) for _ in range(2)])
+    for fpt, (name, batch, context, steps) in zip(flops, cases):
         case = f"{name} ctx {context} batch {batch} {precision}"
-        for provider, rate in (("plain PyTorch loop", plain_loop(name, vocab, batch, context, steps, device, dtype)),
-                               ("kcap trainer", kcap_trainer(name, 10_000, batch, context, steps, precision))):
+        measured = []
+        stages.start(f"{case}: plain PyTorch loop, {steps} steps")
+        measured.append(("plain PyTorch loop", plain_loop(name, vocab, batch, context, steps, device, dtype)))
+        stages.start(f"{case}: kcap trainer, {steps} steps")
+        measured.append(("kcap trainer", kcap_trainer(name, 10_000, batch, context, steps, precision)))
+        for provider, rate in measured:
             row = {"case": case, "provider": provider, "median_s": batch * context / rate,
                    "throughput": rate, "unit": "tokens/s", "tflops": rate * fpt / 1e12}
             if peak:
                 row["mfu"] = rate * fpt / peak
             rows.append(row)
+    stages.finish()
     save("train", rows, baseline="plain PyTorch loop")
