@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -262,9 +263,16 @@ def cmd_eval(args):
     for attr, acc in report.attribute_accuracy.items():
         print(f"  {attr:<12} accuracy {acc['value']:.1%} (first token {acc['first_token']:.1%})")
     if args.json:
+        from contextlib import nullcontext
+
         from kcap.atomic import write_json
-        write_json(args.json, {**report.to_dict(), **{k: v for k, v in info.items() if k != "quantized"},
-                               "quantized": info.get("quantized")})
+        from kcap.run_lock import enclosing_run, run_lock
+
+        run = enclosing_run(Path(args.json).parent)  # writing into a run: be its only writer
+        with run_lock(run, "eval") if run is not None else nullcontext():
+            write_json(args.json, {**report.to_dict(),
+                                   **{k: v for k, v in info.items() if k != "quantized"},
+                                   "quantized": info.get("quantized")})
 
 
 def cmd_quantize(args):
