@@ -29,6 +29,15 @@ variant = "simple"
 """
 
 
+@pytest.fixture(autouse=True)
+def a_16_gib_machine(monkeypatch):
+    """The refusals below must not depend on the host: with 1 TB free, a 64 GiB window would
+    fit and be built. Every test here sees a machine with 16 GiB available."""
+    from kcap.data import memory_budget
+
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda: 16 << 30)
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("kcap: error: ")]

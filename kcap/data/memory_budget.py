@@ -3,13 +3,14 @@
 A data set or window size that would need tens of GB should be refused at once with a
 message saying what it would need and which parameter to lower, not killed by the kernel
 minutes later. Estimates are rough upper bounds (bytes per table row, per rendered token);
-the limit is 8 GiB or the memory the machine has available, whichever is less.
+the limit is the memory the machine has available (8 GiB where that cannot be read), so a
+big machine may build what a small one refuses.
 """
 from __future__ import annotations
 
 import os
 
-CAP_BYTES = 8 << 30
+FALLBACK_BYTES = 8 << 30  # the limit where the available memory cannot be read
 # Peak bytes per token while rendering and buffering windows (int64 gather indices, int32
 # tokens, labels, the concatenations of the stream's buffer); measured at 13-40 with
 # tracemalloc for bioS and bioD, rounded up.
@@ -33,11 +34,11 @@ def available_bytes() -> int | None:
 
 
 def memory_limit() -> tuple[int, str]:
-    """(bytes, what the limit is): the 8 GiB cap or the available memory, the lesser."""
+    """(bytes, what the limit is): the available memory, or 8 GiB where it is unknown."""
     available = available_bytes()
-    if available is not None and available < CAP_BYTES:
+    if available is not None:
         return available, "the memory available on this machine"
-    return CAP_BYTES, "kcap's 8 GiB cap"
+    return FALLBACK_BYTES, "8 GiB (this machine's available memory could not be read)"
 
 
 def format_bytes(n: float) -> str:
