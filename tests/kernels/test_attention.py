@@ -1,13 +1,17 @@
-"""flash_attention against an fp32/fp64 reference, with the tolerance rule: the kernel's max
-error is at most twice torch's own error at the same precision, plus one unit in the last
-place of the output's precision at the output's magnitude (the rounding of the store)."""
+"""flash_attention against its exact (fp64) reference under the error rule of precision.py:
+each output's error is at most twice that of a model whose every rounding is specified, plus
+one ulp at the output's scale and one fp32 ulp at the scale of its terms. Broken variants of
+the kernel must fail the same rule."""
 import math
 
 import pytest
 import torch
 
-from kcap.kernels import attention_reference, flash_attention
+from kcap.kernels import flash_attention
 from kcap.kernels.runtime import INTERPRET, pinned
+
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margins, round_to_tf32
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,43 +30,38 @@ CASES = [
     (2, 8, 2, 17, 90, 128, False),
     (1, 8, 1, 64, 64, 32, False),
 ]
-ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
 
 
 def _inputs(case, dtype, seed=0):
+    """q, k, v and the output gradient dO, in dtype on DEVICE."""
     B, H, KV, T, S, D, _ = case
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, T, D), (B, KV, S, D), (B, KV, S, D)))
-    return [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return [x.to(DEVICE, dtype) for x in (q, k, v, do)]
 
 
-def _run(fn, q, k, v, do, causal):
+def _kernel(q, k, v, do, causal, scale=None):
+    """The kernel's {out, lse, dq, dk, dv} for the loss sum(out * do)."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o = fn(q, k, v, causal=causal)
-    o.backward(do.to(o.dtype))
-    return [o.detach(), q.grad, k.grad, v.grad]
+    o, lse = flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    o.backward(do)
+    return {"out": o.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def _sdpa(q, k, v, causal):
-    rep = q.shape[1] // k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)
+def _references(q, k, v, do, causal, scale=None):
+    """(exact, model, magnitudes) of the error rule for these inputs."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    exact, magnitudes = R.attention(q, k, v, do, causal, scale, EXACT, magnitudes=True)
+    return exact, R.attention(q, k, v, do, causal, scale, at(q.dtype)), magnitudes
 
 
-def _check(case, dtype):
-    causal = case[-1]
-    q, k, v = _inputs(case, dtype)
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    ref = _run(attention_reference, *(x.to(ref_dtype) for x in (q, k, v)), do.to(ref_dtype), causal)
-    torch_low = _run(_sdpa, q, k, v, do, causal)
-    kernel = _run(flash_attention, q, k, v, do, causal)
-    for name, r, t, kern in zip(("out", "dq", "dk", "dv"), ref, torch_low, kernel):
-        assert kern.dtype == dtype and kern.shape == r.shape
-        torch_err = (t.to(ref_dtype) - r).abs().max().item()
-        kernel_err = (kern.to(ref_dtype) - r).abs().max().item()
-        floor = ULP[dtype] * max(1.0, r.abs().max().item())
-        assert kernel_err <= 2 * torch_err + floor, (name, kernel_err, torch_err, floor)
+def _check(case, dtype, scale=None):
+    q, k, v, do = _inputs(case, dtype)
+    got = _kernel(q, k, v, do, case[-1], scale)
+    for name, t in got.items():
+        assert t.dtype == (torch.float32 if name == "lse" else dtype), name
+    assert_within_rule(got, *_references(q, k, v, do, case[-1], scale))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}KV{}T{}S{}D{}{}".format(*c[:6], "causal" if c[6] else ""))
@@ -71,38 +70,102 @@ def test_matches_reference(case, dtype):
     _check(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_scale_and_lse(dtype):
+    _check((1, 4, 2, 40, 40, 64, True), dtype, scale=0.3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_exact_reference_is_attention_and_its_gradient(case):
+    """The explicit fp64 formulas the rule measures against equal autograd of plain fp64
+    attention (an independent check of the formulas the kernels are held to)."""
+    causal, scale = case[-1], 1 / math.sqrt(case[5])
+    q, k, v, do = (t.double() for t in _inputs(case, torch.float32))
+    exact = R.attention(q, k, v, do, causal, scale, EXACT)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=DEVICE).tril(), -math.inf)
+    o = torch.softmax(s, -1) @ v.repeat_interleave(group, 1)
+    o.backward(do)
+    expected = {"out": o, "lse": torch.logsumexp(s, -1), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    for name, want in expected.items():
+        torch.testing.assert_close(exact[name], want.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 is only right on a GPU (the interpreter mishandles it)")
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference_bf16_gpu(case):
     _check(case, torch.bfloat16)
 
 
+def _sees_one_key_more(q, k, v, do, causal):
+    """A causal mask off by one (query i sees keys <= i + 1): the kernel behind one extra,
+    leading query (whose gradient is 0)."""
+    lead = lambda t: torch.cat([torch.zeros_like(t[:, :, :1]), t], 2)  # noqa: E731
+    got = _kernel(lead(q), k, v, lead(do), causal)
+    return {name: t[:, :, 1:] if name in ("out", "lse", "dq") else t for name, t in got.items()}
+
+
+def _drops_last_key(q, k, v, do, causal):
+    """A sequence-tail mask off by one: the last key is never seen (its gradients are 0)."""
+    got = _kernel(q, k[:, :, :-1], v[:, :, :-1], do, causal)
+    return {name: torch.cat([t, torch.zeros_like(t[:, :, :1])], 2) if name in ("dk", "dv") else t
+            for name, t in got.items()}
+
+
+def _output_off(q, k, v, do, causal):
+    got = _kernel(q, k, v, do, causal)
+    return {**got, "out": got["out"] * (1 + 1e-4)}
+
+
+# Each must fail the rule (measured: by >= 70x in its worst-hit output). An output off by
+# 1e-4 is below fp16's own rounding, and TF32 is an fp32 matter: those run in fp32 only.
+BROKEN = {
+    "tf32 inputs": lambda q, k, v, do, causal: _kernel(*map(round_to_tf32, (q, k, v)), do, causal),
+    "scale off by 1e-3": lambda q, k, v, do, causal: _kernel(q, k, v, do, causal,
+                                                             (1 + 1e-3) / math.sqrt(q.shape[-1])),
+    "output off by 1e-4": _output_off,
+    "sees one key more": _sees_one_key_more,
+    "drops the last key": _drops_last_key,
+}
+
+
+def _broken_cases():
+    for bug in BROKEN:
+        for case in [(2, 4, 2, 37, 37, 32, True), (1, 2, 2, 33, 50, 64, False)]:
+            if bug == "sees one key more" and not case[-1]:
+                continue  # a causal mask bug
+            fp32_only = bug in ("tf32 inputs", "output off by 1e-4")
+            for dtype in (torch.float32,) if fp32_only else (torch.float16, torch.float32):
+                name = f"{bug}-{str(dtype)[6:]}-{'causal' if case[-1] else 'full'}"
+                yield pytest.param(bug, case, dtype, id=name)
+
+
+@pytest.mark.parametrize("bug, case, dtype", list(_broken_cases()))
+def test_rule_rejects_broken_kernel(bug, case, dtype):
+    q, k, v, do = _inputs(case, dtype)
+    found = margins(BROKEN[bug](q, k, v, do, case[-1]), *_references(q, k, v, do, case[-1]))
+    assert max(found.values()) > 1, found
+
+
 @pytest.mark.skipif(not CUDA, reason="races only show on a GPU")
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_backward_is_deterministic_gpu(D):
-    q, k, v = _inputs((2, 8, 2, 1000, 1000, D, True), torch.bfloat16)
-    do = torch.randn_like(q)
-    first = _run(flash_attention, q, k, v, do, True)
+    q, k, v, do = _inputs((2, 8, 2, 1000, 1000, D, True), torch.bfloat16)
+    first = _kernel(q, k, v, do, True)
     for _ in range(5):
-        for a, b in zip(first, _run(flash_attention, q, k, v, do, True)):
-            assert torch.equal(a, b)
-
-
-def test_lse_and_scale():
-    q, k, v = _inputs((1, 4, 2, 40, 40, 64, True), torch.float32)
-    o, lse = flash_attention(q, k, v, causal=True, scale=0.3, return_lse=True)
-    kk = k.repeat_interleave(2, 1)
-    s = (q @ kk.transpose(-1, -2)) * 0.3
-    s = s.masked_fill(~torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril(), -math.inf)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(o, attention_reference(q, k, v, True, 0.3), rtol=1e-5, atol=1e-5)
+        again = _kernel(q, k, v, do, True)
+        for name in first:
+            assert torch.equal(first[name], again[name]), name
 
 
 def test_non_contiguous_inputs():
-    q, k, v = _inputs((2, 4, 4, 30, 30, 32, True), torch.float32)
-    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) storage
+    q, k, v, _ = _inputs((2, 4, 4, 30, 30, 32, True), torch.float32)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) storage
     assert not qt.is_contiguous()
-    torch.testing.assert_close(flash_attention(qt, k, v), flash_attention(q.detach().contiguous(), k, v))
+    torch.testing.assert_close(flash_attention(qt, k, v), flash_attention(q, k, v))
 
 
 @pytest.mark.parametrize("args, error, message", [
@@ -129,7 +192,7 @@ def test_bad_dtype_and_scale():
 
 
 def test_torch_compile_fullgraph_has_no_graph_break():
-    q, k, v = _inputs((1, 2, 2, 20, 20, 32, True), torch.float32)
+    q, k, v = (t.requires_grad_() for t in _inputs((1, 2, 2, 20, 20, 32, True), torch.float32)[:3])
 
     def f(q, k, v):
         return (flash_attention(q, k, v) * 2).sum()

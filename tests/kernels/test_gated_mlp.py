@@ -1,5 +1,6 @@
-"""fused_mlp against an fp32/fp64 reference under the tolerance rule of test_attention, the
-module drop-in, and models trained with either MLP implementation."""
+"""fused_mlp against its exact (fp64) reference under the error rule of precision.py (see
+test_attention), broken variants the rule must reject, the module drop-in, and models trained
+with either MLP implementation."""
 import pytest
 import torch
 
@@ -7,10 +8,12 @@ from kcap.kernels import GatedMLP, fused_mlp, mlp_reference
 from kcap.kernels import gated_mlp as G
 from kcap.kernels.runtime import INTERPRET, pinned
 
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margins, round_to_tf32, ulp
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
-ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
 # (tokens M, in K, hidden N, out D): none a multiple of the 64x64x32 interpreter tiles but one.
 SHAPES = [(37, 48, 100, 40), (1, 64, 33, 64), (130, 96, 200, 72), (64, 64, 64, 64)]
 KINDS = [("gated", False), ("gated", True), ("gelu", True), ("silu", False)]
@@ -32,7 +35,12 @@ def _params(shape, kind, bias, dtype, seed=0):
     return x.to(DEVICE, dtype), {k: v.to(DEVICE, dtype) for k, v in w.items()}, act
 
 
+def _output_grad(shape, dtype):
+    return torch.randn(shape[0], shape[3], generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+
+
 def _grads(fn, x, w, act, dy):
+    """{y, x, <parameter name>...}: the output and the gradients of sum(y * dy)."""
     x = x.detach().requires_grad_()
     w = {k: v.detach().requires_grad_() for k, v in w.items()}
     y = fn(x, **w, act=act)
@@ -41,20 +49,19 @@ def _grads(fn, x, w, act, dy):
     return {"y": y.detach(), **dict(zip(names, grads))}
 
 
+def _references(x, w, act, dy):
+    """(exact, model, magnitudes) of the error rule for these inputs."""
+    exact, magnitudes = R.mlp(x, w, act, dy, EXACT, magnitudes=True)
+    return exact, R.mlp(x, w, act, dy, at(x.dtype)), magnitudes
+
+
 def _check(shape, kind, bias, dtype):
     x, w, act = _params(shape, kind, bias, dtype)
-    dy = torch.randn(shape[0], shape[3], generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    ref = _grads(mlp_reference, x.to(ref_dtype), {k: v.to(ref_dtype) for k, v in w.items()}, act,
-                 dy.to(ref_dtype))
-    low = _grads(mlp_reference, x, w, act, dy)
-    kern = _grads(fused_mlp, x, w, act, dy)
-    for name in ref:
-        assert kern[name].dtype == dtype and kern[name].shape == ref[name].shape
-        torch_err = (low[name].to(ref_dtype) - ref[name]).abs().max().item()
-        kernel_err = (kern[name].to(ref_dtype) - ref[name]).abs().max().item()
-        floor = ULP[dtype] * max(1.0, ref[name].abs().max().item())
-        assert kernel_err <= 2 * torch_err + floor, (name, kernel_err, torch_err, floor)
+    dy = _output_grad(shape, dtype)
+    got = _grads(fused_mlp, x, w, act, dy)
+    for name, t in got.items():
+        assert t.dtype == dtype, name
+    assert_within_rule(got, *_references(x, w, act, dy))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -62,6 +69,43 @@ def _check(shape, kind, bias, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_matches_reference(shape, kind, bias, dtype):
     _check(shape, kind, bias, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+def test_exact_reference_is_the_mlp_and_its_gradient(shape, kind, bias):
+    """The explicit fp64 formulas the rule measures against equal autograd of mlp_reference
+    in fp64 (an independent check of the formulas the kernels are held to)."""
+    x, w, act = _params(shape, kind, bias, torch.float64)
+    dy = _output_grad(shape, torch.float64)
+    exact = R.mlp(x, w, act, dy, EXACT)
+    for name, want in _grads(mlp_reference, x, w, act, dy).items():
+        torch.testing.assert_close(exact[name], want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _row_off(got):
+    y = got["y"].clone()
+    y[0] *= 1 + 1e-4
+    return {**got, "y": y}
+
+
+# Each must fail the rule (measured in fp32: by >= 20x in its worst-hit output).
+BROKEN = {
+    "tf32 inputs": lambda x, w, act, dy: _grads(fused_mlp, round_to_tf32(x),
+                                                {k: round_to_tf32(v) for k, v in w.items()}, act, dy),
+    "b_down dropped": lambda x, w, act, dy: _grads(
+        fused_mlp, x, {**w, "b_down": torch.zeros_like(w["b_down"])}, act, dy),
+    "one row off by 1e-4": lambda x, w, act, dy: _row_off(_grads(fused_mlp, x, w, act, dy)),
+}
+
+
+@pytest.mark.parametrize("kind", ["gated", "gelu"])
+@pytest.mark.parametrize("bug", BROKEN)
+def test_rule_rejects_broken_kernel(bug, kind):
+    x, w, act = _params((37, 48, 100, 40), kind, True, torch.float32)
+    dy = _output_grad((37, 48, 100, 40), torch.float32)
+    found = margins(BROKEN[bug](x, w, act, dy), *_references(x, w, act, dy))
+    assert max(found.values()) > 1, found
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 is only right on a GPU")
@@ -138,7 +182,7 @@ def test_kernel_paths_follow_autocast(name):
     with torch.autocast(DEVICE, dtype=low):
         a, b = fast(x)[0], ref(x)[0]
     assert a.dtype == b.dtype == low  # the custom ops ran in the autocast dtype, like the torch path
-    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=8 * ULP[low] * b.abs().max().item())
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=8 * ulp(low) * b.abs().max().item())
 
 
 @pytest.mark.parametrize("index", range(len(G.GEMM_CANDIDATES)))

@@ -1,4 +1,5 @@
-"""grouped_linear against its plain loop, forward and gradients, under the tolerance rule."""
+"""grouped_linear against its exact (fp64) reference, forward and gradients, under the error
+rule of precision.py (see test_attention), and broken variants the rule must reject."""
 import pytest
 import torch
 
@@ -6,23 +7,29 @@ from kcap.kernels import grouped_gemm as G
 from kcap.kernels import grouped_linear, grouped_linear_reference
 from kcap.kernels.runtime import INTERPRET, pinned
 
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margins, round_to_tf32
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
-ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
+OUTPUTS = ("y", "x", "weight", "bias")  # the output, then the gradients
 
 
 def _case(E, K, N, blocks, block, dtype, bias, seed=0):
+    """x, weight, bias (or None), block_expert, dy in dtype (block_expert int64) on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(blocks * block, K, generator=g)
     w = torch.randn(E, K, N, generator=g) / K ** 0.5
     b = torch.randn(E, N, generator=g) * 0.1 if bias else None
     be = torch.sort(torch.randint(0, E, (blocks,), generator=g)).values  # runs of one expert
     dy = torch.randn(blocks * block, N, generator=g)
-    return (t.to(DEVICE) if t is not None else None for t in (x, w, b, be, dy))
+    return [t.to(DEVICE, dtype if t.is_floating_point() else None) if t is not None else None
+            for t in (x, w, b, be, dy)]
 
 
 def _grads(fn, x, w, b, be, block, dy):
+    """[y, dx, dweight(, dbias)] for the loss sum(y * dy)."""
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
     b = b.detach().requires_grad_() if b is not None else None
     y = fn(x, w, b, be, block)
@@ -30,21 +37,61 @@ def _grads(fn, x, w, b, be, block, dy):
     return [y.detach()] + list(torch.autograd.grad(y, params, dy.to(y.dtype)))
 
 
-@pytest.mark.parametrize("E, K, N, blocks", [(4, 64, 96, 5), (3, 40, 33, 3), (8, 32, 64, 8), (1, 64, 64, 1)])
+def _named(tensors):
+    return dict(zip(OUTPUTS, tensors))
+
+
+def _references(x, w, b, be, block, dy):
+    """(exact, model, magnitudes) of the error rule, each {name: tensor}."""
+    exact, magnitudes = R.grouped_linear(x, w, b, be, block, dy, EXACT, magnitudes=True)
+    model = R.grouped_linear(x, w, b, be, block, dy, at(x.dtype))
+    return _named(exact), _named(model), _named(magnitudes)
+
+
+SHAPES = [(4, 64, 96, 5), (3, 40, 33, 3), (8, 32, 64, 8), (1, 64, 64, 1)]  # (E, K, N, blocks)
+
+
+@pytest.mark.parametrize("E, K, N, blocks", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_matches_reference(E, K, N, blocks, bias, dtype):
-    block = 16
-    x, w, b, be, dy = _case(E, K, N, blocks, block, dtype, bias)
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    cast = lambda t, d: t.to(d) if t is not None else None  # noqa: E731
-    ref = _grads(grouped_linear_reference, cast(x, ref_dtype), cast(w, ref_dtype), cast(b, ref_dtype), be, block, dy.to(ref_dtype))
-    low = _grads(grouped_linear_reference, cast(x, dtype), cast(w, dtype), cast(b, dtype), be, block, dy)
-    kern = _grads(grouped_linear, cast(x, dtype), cast(w, dtype), cast(b, dtype), be, block, dy)
-    for r, t, k in zip(ref, low, kern):
-        torch_err = (t.to(ref_dtype) - r).abs().max().item()
-        kernel_err = (k.to(ref_dtype) - r).abs().max().item()
-        assert kernel_err <= 2 * torch_err + ULP[dtype] * max(1.0, r.abs().max().item())
+    x, w, b, be, dy = _case(E, K, N, blocks, 16, dtype, bias)
+    got = _named(_grads(grouped_linear, x, w, b, be, 16, dy))
+    for name, t in got.items():
+        assert t.dtype == dtype, name
+    assert_within_rule(got, *_references(x, w, b, be, 16, dy))
+
+
+@pytest.mark.parametrize("E, K, N, blocks", SHAPES)
+def test_exact_reference_is_the_loop_and_its_gradient(E, K, N, blocks):
+    """The explicit fp64 formulas the rule measures against equal autograd of the plain loop."""
+    x, w, b, be, dy = (t.double() if t.is_floating_point() else t
+                       for t in _case(E, K, N, blocks, 16, torch.float32, True))
+    expected = _grads(grouped_linear_reference, x, w, b, be, 16, dy)
+    for name, got, want in zip(OUTPUTS, R.grouped_linear(x, w, b, be, 16, dy, EXACT), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _row_off(grads):
+    y = grads[0].clone()
+    y[0] *= 1 + 1e-4
+    return [y] + grads[1:]
+
+
+# Each must fail the rule (measured in fp32: by >= 75x in its worst-hit output).
+BROKEN = {
+    "tf32 inputs": lambda x, w, b, be, dy: _grads(grouped_linear, round_to_tf32(x), round_to_tf32(w),
+                                                  b, be, 16, dy),
+    "bias dropped": lambda x, w, b, be, dy: _grads(grouped_linear, x, w, torch.zeros_like(b), be, 16, dy),
+    "one row off by 1e-4": lambda x, w, b, be, dy: _row_off(_grads(grouped_linear, x, w, b, be, 16, dy)),
+}
+
+
+@pytest.mark.parametrize("bug", BROKEN)
+def test_rule_rejects_broken_kernel(bug):
+    x, w, b, be, dy = _case(4, 64, 96, 5, 16, torch.float32, True)
+    found = margins(_named(BROKEN[bug](x, w, b, be, dy)), *_references(x, w, b, be, 16, dy))
+    assert max(found.values()) > 1, found
 
 
 def test_experts_without_rows_get_zero_weight_gradient():
@@ -87,10 +134,8 @@ def test_unused_trailing_blocks_give_zero_rows_and_no_gradient():
     be = torch.tensor([0, 2, -1, -1], device=DEVICE)
     dy[32:] = 0  # what the MoE sends back for unused rows
     kern = _grads(grouped_linear, x, w, b, be, 16, dy)
-    ref = _grads(grouped_linear_reference, x, w, b, be, 16, dy)
-    assert (kern[0][32:] == 0).all()
-    for a, r in zip(kern, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    assert (kern[0][32:] == 0).all() and (kern[1][32:] == 0).all()
+    assert_within_rule(_named(kern), *_references(x, w, b, be, 16, dy))
 
 
 @pytest.mark.parametrize("which, index", [("mm", i) for i in range(len(G.MM_CANDIDATES))] +

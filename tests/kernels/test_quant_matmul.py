@@ -1,5 +1,6 @@
-"""Packed formats (round trips, error bounds) and the W8A16 / W4A16 kernels against
-x @ dequant(W).T in fp32, under the tolerance rule of test_attention."""
+"""Packed formats (round trips, error bounds) and the W8A16 / W4A16 kernels against the
+exact (fp64) x @ dequant(W).T under the error rule of precision.py (see test_attention), and
+broken variants the rule must reject."""
 import pytest
 import torch
 
@@ -8,9 +9,11 @@ from kcap.kernels import quant_pack as qp
 from kcap.kernels.quant_matmul import int4_matmul, int8_matmul, quant_matmul_reference
 from kcap.kernels.runtime import INTERPRET, pinned
 
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margin, round_to_tf32
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23}
 
 
 def test_int4_pack_round_trip_and_layout():
@@ -50,30 +53,74 @@ needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU 
 SHAPES = [(1, 33, 256), (5, 100, 128), (16, 64, 384), (17, 40, 128), (70, 96, 256)]  # (M, N, K)
 
 
-def _check(kind, M, N, K, dtype, group=64, bias=True):
+def _problem(kind, M, N, K, dtype, group=64, bias=True):
+    """x (M, K), the packed weight of a random (N, K) one, bias (N,) or None, and the kernel:
+    run(x, bias) -> (M, N)."""
     g = torch.Generator().manual_seed(M * 1000 + N)
     w = torch.randn(N, K, generator=g)
     x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
     b = (torch.randn(N, generator=g) * 0.1).to(DEVICE, dtype) if bias else None
     if kind == 8:
         packed = [t.to(DEVICE) for t in qp.quantize_int8(w)]
-        kern = int8_matmul(x, *packed, bias=b)
-        wd = qp.dequantize_int8(*packed)
+        return x, packed, b, lambda x, b: int8_matmul(x, *packed, bias=b)
+    packed = [t.to(DEVICE) for t in qp.quantize_int4(w, group)]
+    return x, packed, b, lambda x, b: int4_matmul(x, *packed, group, bias=b)
+
+
+def _references(x, packed, b, group):
+    """(exact, model, magnitude) of the error rule for y = x @ dequant(W).T + b."""
+    if len(packed) == 2:  # int8: one scale per output channel, over all of K
+        codes, scales, group = packed[0], packed[1][:, None], x.shape[1]
     else:
-        packed = [t.to(DEVICE) for t in qp.quantize_int4(w, group)]
-        kern = int4_matmul(x, *packed, group, bias=b)
-        wd = qp.dequantize_int4(*packed, group)
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    ref = x.to(ref_dtype) @ wd.to(ref_dtype).t() + (b.to(ref_dtype) if bias else 0)
-    low = torch.nn.functional.linear(x, wd.to(dtype), b)  # torch at the same precision
-    torch_err = (low.to(ref_dtype) - ref).abs().max().item()
-    kernel_err = (kern.to(ref_dtype) - ref).abs().max().item()
-    floor = ULP[dtype] * max(1.0, ref.abs().max().item())
+        q, scales, zeros = packed
+        codes = qp.unpack_int4(q).int() - zeros.int().repeat_interleave(group, 1)
+    exact, magnitude = R.quant_matmul(x, codes, scales, group, b, EXACT, magnitudes=True)
+    return exact, R.quant_matmul(x, codes, scales, group, b, at(x.dtype)), magnitude
+
+
+def _check(kind, M, N, K, dtype, group=64, bias=True):
+    x, packed, b, run = _problem(kind, M, N, K, dtype, group, bias)
+    kern = run(x, b)
     assert kern.shape == (M, N) and kern.dtype == dtype
-    assert kernel_err <= 2 * torch_err + floor, (kernel_err, torch_err, floor)
+    exact, model, magnitude = _references(x, packed, b, group)
+    assert_within_rule({"y": kern}, {"y": exact}, {"y": model}, {"y": magnitude})
     reference = quant_matmul_reference(x, *packed, bias=b) if kind == 8 else \
         quant_matmul_reference(x, *packed, group_size=group, bias=b)
+    wd = qp.dequantize_int8(*packed) if kind == 8 else qp.dequantize_int4(*packed, group)
     assert torch.equal(reference, (x.float() @ wd.t() + (b.float() if bias else 0)).to(dtype))
+
+
+@pytest.mark.parametrize("kind", [8, 4], ids=["int8", "int4"])
+def test_exact_reference_is_the_dequantized_matmul(kind):
+    """The fp64 formula the rule measures against is x @ dequant(W).T + b (quant_pack's
+    dequantization rounds each weight to fp32, hence the 1e-6)."""
+    x, packed, b, _ = _problem(kind, 5, 100, 128, torch.float32)
+    wd = qp.dequantize_int8(*packed) if kind == 8 else qp.dequantize_int4(*packed, 64)
+    exact = _references(x, packed, b, 64)[0]
+    torch.testing.assert_close(exact, x.double() @ wd.double().t() + b.double(), rtol=1e-6, atol=1e-6)
+
+
+def _row_off(y):
+    y = y.clone()
+    y[0] *= 1 + 1e-4
+    return y
+
+
+# Each must fail the rule (measured in fp32: by >= 49x).
+BROKEN = {
+    "tf32 inputs": lambda x, b, run: run(round_to_tf32(x), b),
+    "bias dropped": lambda x, b, run: run(x, torch.zeros_like(b)),
+    "one row off by 1e-4": lambda x, b, run: _row_off(run(x, b)),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [5, 70], ids=["split-k", "tiled"])
+@pytest.mark.parametrize("kind", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("bug", BROKEN)
+def test_rule_rejects_broken_kernel(bug, kind, M):
+    x, packed, b, run = _problem(kind, M, 100, 256, torch.float32)
+    assert margin(BROKEN[bug](x, b, run), *_references(x, packed, b, 64)) > 1
 
 
 @needs_kernels
