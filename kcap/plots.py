@@ -28,7 +28,11 @@ def plot_run(run_dir, path=None) -> Path:
         ax_bits.plot(steps, [r["eval"]["bits"] for r in evals], "o-", label="bits learned")
         ax_bits.axhline(evals[-1]["eval"]["bits_max"], color="gray", ls="--",
                         label="bits in the data")
-        ax_bits.legend(loc="lower right")
+        if min(r["eval"]["bits"] for r in evals) < 0:  # early models score below the guesser
+            ax_bits.axhline(0, color="black", lw=0.6, label="a uniform guess over the pools")
+        top = max(evals[-1]["eval"]["bits_max"], max(r["eval"]["bits"] for r in evals))
+        ax_bits.set_ylim(top=top * 1.45)  # headroom: the legend sits above the data's line
+        ax_bits.legend(loc="upper left", fontsize="small")
         last = evals[-1]["eval"]
         ax_bits.set_title(f"R = {last['R']:.3f} of R_max {last['R_max']:.3f} bits/param")
     ax_bits.set(xlabel="step", ylabel="bits")
