@@ -56,11 +56,17 @@ def check_mapping(cls, values, section: str) -> dict:
     normalised into a new dict; unknown keys are a ValueError naming them."""
     if not isinstance(values, Mapping):
         raise TypeError(f"{section} must be a table (dict), got {_shown(values, True)}")
+    known = _known_fields(cls, values, section)
+    return {k: check_value(key_name(section, k), v, known[k]) for k, v in values.items()}
+
+
+def _known_fields(cls, values: Mapping, where: str) -> dict:
+    """field_types(cls), after refusing any key of ``values`` that is not one of them."""
     known = field_types(cls)
     unknown = sorted((k for k in values if k not in known), key=str)
     if unknown:
-        raise ValueError(f"{section}: unknown keys {unknown}; allowed: {sorted(known)}")
-    return {k: check_value(key_name(section, k), v, known[k]) for k, v in values.items()}
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
+    return known
 
 
 def check_value(key: str, value, hint):
@@ -144,10 +150,7 @@ def _check_dataclass(key: str, value, cls):
         return dataclasses.replace(value)  # a copy, re-validated by its own __post_init__
     if not isinstance(value, Mapping):
         raise TypeError(f"{key} must be {describe(cls)}, got {_shown(value, True)}")
-    known = field_types(cls)
-    unknown = sorted((k for k in value if k not in known), key=str)
-    if unknown:
-        raise ValueError(f"{key}: unknown keys {unknown}; allowed: {sorted(known)}")
+    _known_fields(cls, value, key)
     return cls(**value)
 
 
