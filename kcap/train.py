@@ -106,14 +106,32 @@ def _resume_point(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
     return good
 
 
+def _resume_threads(recorded: int | None, device) -> None:
+    """CPU results depend on the thread count (how reductions are split), so a resumed CPU
+    run uses the count it was trained with when this machine has the cores for it (train()
+    gives the caller its own count back)."""
+    import os
+
+    import torch
+
+    if device.type != "cpu" or recorded is None or recorded == torch.get_num_threads():
+        return
+    if recorded <= (os.cpu_count() or 1):
+        note(f"resuming with {recorded} CPU thread(s) as the run was trained (not "
+             f"{torch.get_num_threads()}): CPU results depend on the thread count")
+        torch.set_num_threads(recorded)
+        return
+    warn(f"this run was trained with {recorded} CPU threads and this machine has "
+         f"{os.cpu_count()} cores: it goes on with {torch.get_num_threads()}, so its weights "
+         "will differ in the last bits from an uninterrupted run")
+
+
 @contextmanager
-def _threads(count: int | None):
-    """Run with ``count`` CPU threads (None: as is); the caller's setting comes back after."""
+def _caller_threads():
+    """Give the caller back its CPU thread count (a resumed run may change it)."""
     import torch
 
     before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -132,15 +150,18 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
 
     run_dir = Path(run_dir)
     dist = distributed.init()
-    with (run_lock(run_dir, "train") if dist.is_main else nullcontext()):
+    with (run_lock(run_dir, "train") if dist.is_main else nullcontext()), _caller_threads():
         return _train(cfg, run_dir, resume, progress, dist)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) -> dict:
+    import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     from kcap.atomic import write_json
     from kcap.capacity import data_bits_max
+    from kcap.data.tokenizer import PAD_ID
     from kcap.models import build_model, parameter_report
 
     device = dist.device(cfg.device)
@@ -166,7 +187,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = parameter_report(model, ds.used_token_ids())
     fingerprint = _fingerprint(cfg)
-    step, threads = 0, None
+    step = 0
     if existing is not None:
         meta = checkpoint.load(existing, model, opt)
         if meta.get("fingerprint") != fingerprint:
@@ -178,7 +199,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
                                              f"this run has {dist.world}")
         stream.load_state_dict(meta["streams"][dist.rank])
         step = meta["step"]
-        threads = _threads_to_resume_with(meta.get("cpu_threads"), device)
+        _resume_threads(meta.get("cpu_threads"), device)
         if dist.is_main:
             note(f"resuming {run_dir} from {existing.relative_to(run_dir)} (step {step:,} of {steps:,})")
     if dist.is_main:
@@ -190,41 +211,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
             note(line)
         write_json(run_dir / "config.json", {"config": asdict(cfg), "plan": plan, "params": params,
                                              "precision": precision, "world_size": dist.world})
-    with _threads(threads):
-        return _loop(cfg, run_dir, dist, device, precision, dtype, plan, ds, stream, model, opt,
-                     scaler, params, fingerprint, step, progress)
-
-
-def _threads_to_resume_with(recorded: int | None, device) -> int | None:
-    """CPU results depend on the thread count (how reductions are split), so a resumed CPU
-    run uses the count the run was trained with when this machine has the cores for it."""
-    import os
-
-    import torch
-
-    if device.type != "cpu" or recorded is None or recorded == torch.get_num_threads():
-        return None
-    if recorded <= (os.cpu_count() or 1):
-        note(f"resuming with {recorded} CPU thread(s) as the run was trained (not "
-             f"{torch.get_num_threads()}): CPU results depend on the thread count")
-        return recorded
-    warn(f"this run was trained with {recorded} CPU threads and this machine has "
-         f"{os.cpu_count()} cores: it goes on with {torch.get_num_threads()}, so its weights "
-         "will differ in the last bits from an uninterrupted run")
-    return None
-
-
-def _loop(cfg, run_dir, dist, device, precision, dtype, plan, ds, stream, model, opt, scaler,
-          params, fingerprint, step, progress) -> dict:
-    """The training loop from ``step``, then the final evaluation and report."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from kcap.atomic import write_json
-    from kcap.data.tokenizer import PAD_ID
-
-    steps, warmup = plan["steps"], plan["warmup"]
+    warmup = plan["warmup"]
     net = dist.wrap(model)
     forward = torch.compile(net) if cfg.compile else net
 
