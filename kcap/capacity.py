@@ -11,6 +11,23 @@ how a value is split into tokens. Then, with P the counted parameters:
 
 The terms are reported separately as name, value and diversity bits. They are not clipped:
 a term below zero means the model knows less than the uniform guess over the pools.
+
+Two bioS readings depart from the letter of Definition 4.3, each because the letter measures
+something other than the model's knowledge of the person (``METRIC_CONVENTION``; every report
+names it and also gives the literal numbers in ``literal``):
+
+- Gender: its token is a biography's first pronoun, whose form (He / His / him ...) the
+  template chooses. Read literally its loss charges that choice too (~0.66 bits per person
+  no model can remove, so R = R_max is unreachable). kcap scores the choice between the
+  genders: -ln p(pronouns of the observed gender) / p(pronouns of either gender). This is
+  the two-way choice between same-form pronouns (He/She, His/Her ...) summed over forms, so
+  "her" (the female of both "his" and "him") needs no form to pair it with.
+- Work city: it is a function of the employer, so it is not counted. But where its sentence
+  precedes the employer's (half of online and permute renderings) it already reveals ~6.5
+  bits of the employer, and the employer's own loss shrinks by as much: read literally, a
+  guesser knowing only the pools and the employer-to-city map earns ~3.2 employer bits per
+  person. kcap applies the chain rule: there the employer's term is -ln p(work city) -
+  ln p(employer | work city). Where the employer comes first the work city stays excluded.
 """
 from __future__ import annotations
 
@@ -25,6 +42,12 @@ Z95 = 1.959963984540054
 PARAM_CONVENTION = ("P counts every parameter once (tied embedding/LM head once, all MoE "
                     "experts), excluding embedding and LM-head rows of tokens the data never "
                     "uses")
+
+
+METRIC_CONVENTION = ("bioS gender scored as the choice between the genders' pronouns; the work "
+                     "city's loss counted in the employer's term where it comes first (chain "
+                     "rule); see kcap/capacity.py")
+BIOD_CONVENTION = "bioD: Definition 4.1 as written"
 
 
 def bios_bits(n: int, n0: int, log2_s0: float, p1: float, p2: float) -> tuple[float, float]:
@@ -66,13 +89,21 @@ class PersonLosses:
     """Summed losses (nats) per evaluated person: ``name`` (n,), ``value`` (n, A) summed over
     each attribute's tokens, ``first_chunk`` (n, A) (bioD; equal to value for bioS).
     Optional greedy accuracy (n, A) bools: ``first_correct`` (the value's first token is the
-    argmax) and ``value_correct`` (every token of the value is)."""
+    argmax) and ``value_correct`` (every token of the value is).
+
+    ``value`` scores class-valued attributes (gender) as the choice between classes;
+    ``value_raw`` (n, A), if given, holds every value's plain token losses (the literal
+    reading). ``position`` (n, A) int64: where each value starts in the evaluated text (any
+    order-preserving index; -1 if absent), needed where an attribute is ``determined_by``
+    another (bioS's work city)."""
     persons: np.ndarray
     name: np.ndarray
     value: np.ndarray
     first_chunk: np.ndarray
     first_correct: np.ndarray | None = None
     value_correct: np.ndarray | None = None
+    value_raw: np.ndarray | None = None
+    position: np.ndarray | None = None
 
 
 @dataclass
@@ -96,6 +127,10 @@ class CapacityReport:
     attribute_loss: dict = field(default_factory=dict)  # mean summed nats per attribute
     attribute_accuracy: dict = field(default_factory=dict)  # {attr: {first_token, value}}
     param_convention: str = PARAM_CONVENTION
+    metric_convention: str = METRIC_CONVENTION
+    # bioS under Definition 4.3 read literally (gender's token loss, work city never counted):
+    # {p2, value_bits, bits, R, gender_token_loss, determined_first}; None where not measured.
+    literal: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +142,8 @@ class CapacityReport:
                 f"{self.name_bits:,.0f}, value {self.value_bits:,.0f}{div}); P = {self.n_params:,}"
                 f"; R = {self.R:.3f}{ci} bits/param, R_max = {self.R_max:.3f}; evaluated "
                 f"{self.n_evaluated:,} of {self.n_people:,} people\n  [{self.param_convention}]"
+                f"\n  [{self.metric_convention}" + (
+                    f"; read literally R = {self.literal['R']:.3f}" if self.literal else "") + "]"
                 + ("\n  [negative bits: the model's losses are still above a uniform guess over "
                    "the pools (an untrained or early model); the formula counts that as negative "
                    "knowledge]" if self.bits < 0 else ""))
@@ -125,12 +162,22 @@ def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityRep
         raise ValueError("no people were evaluated")
     counted = np.array([a.counted for a in dataset.attributes])
     p1 = float(losses.name.mean())
+    literal = None
     if dataset.kind == "bioS":
-        per_person = losses.value[:, counted].sum(axis=1)
+        per_person, determined_first = _bios_value_term(dataset, losses, counted)
         p2, p3 = float(per_person.mean()), None
         name, value = bios_bits(n, dataset.n_names, log2_s0(dataset), p1, p2)
         diversity, total_max = None, data_bits_max(dataset)
         x = n * (losses.name + per_person)  # bits = const - mean(x) / ln 2
+        convention = METRIC_CONVENTION
+        if losses.value_raw is not None:
+            p2_literal = float(losses.value_raw[:, counted].sum(axis=1).mean())
+            value_literal = bios_bits(n, dataset.n_names, log2_s0(dataset), p1, p2_literal)[1]
+            gender = [i for i, a in enumerate(dataset.attributes) if a.classes]
+            literal = {"p2": p2_literal, "value_bits": value_literal,
+                       "bits": name + value_literal, "R": (name + value_literal) / n_params,
+                       "gender_token_loss": float(losses.value_raw[:, gender].sum(axis=1).mean())
+                       if gender else None, "determined_first": determined_first}
     else:
         c = dataset.config
         p2, p3 = float(losses.value.mean()), float(losses.first_chunk.mean())
@@ -138,6 +185,7 @@ def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityRep
         total_max = data_bits_max(dataset)
         x = (n * losses.name + n * c.k * losses.value.mean(axis=1)
              + c.k * c.d * losses.first_chunk.mean(axis=1))
+        convention = BIOD_CONVENTION
     bits = name + value + (diversity or 0.0)
     half = 0.0
     if m < n and m > 1:
@@ -153,7 +201,28 @@ def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityRep
         attribute_accuracy={} if losses.value_correct is None else {
             a.name: {"first_token": float(losses.first_correct[:, i].mean()),
                      "value": float(losses.value_correct[:, i].mean())}
-            for i, a in enumerate(dataset.attributes)})
+            for i, a in enumerate(dataset.attributes)},
+        metric_convention=convention, literal=literal)
+
+
+def _bios_value_term(dataset, losses: PersonLosses, counted: np.ndarray):
+    """Per-person value loss (n,) of the counted attributes with the chain rule applied,
+    and the share of people for whom a determined attribute came first."""
+    term = losses.value[:, counted].sum(axis=1)
+    names = [a.name for a in dataset.attributes]
+    shares = {}
+    for a, attr in enumerate(dataset.attributes):
+        if attr.determined_by is None:
+            continue
+        if losses.position is None:
+            raise ValueError(f"losses.position is needed: {attr.name} is determined by "
+                             f"{attr.determined_by}, and which comes first decides what counts")
+        b = names.index(attr.determined_by)
+        pos = losses.position
+        first = (pos[:, a] >= 0) & (pos[:, a] < pos[:, b])
+        term = term + np.where(first, losses.value[:, a], 0.0)
+        shares[attr.name] = float(first.mean())
+    return term, shares
 
 
 def count_params(model, used_token_ids, vocab_size: int) -> int:

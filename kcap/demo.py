@@ -36,6 +36,10 @@ def table(report: dict) -> str:
                 if report["bits_learned"] < 0 else "")),
             ("R(F) bits/param", f"{report['capacity_ratio']:.3f}"),
             ("R_max(F) bits/param", f"{report['capacity_ratio_max']:.3f}")]
+    literal = report["metric"].get("literal")
+    if literal:
+        rows.append(("R(F) read literally", f"{literal['R']:.3f} (Definition 4.3 to the letter: "
+                     "see docs/science.md, section 4)"))
     for attr, acc in report["metric"]["attribute_accuracy"].items():
         rows.append((f"accuracy {attr}", f"{acc['value']:.1%} (first token {acc['first_token']:.1%})"))
     width = max(len(k) for k, _ in rows)
@@ -55,5 +59,6 @@ def run_demo(out: str | Path, preset: str | None = None) -> dict:
     report = train(cfg, out, resume=True)
     png = Path(out) / "training.png"  # drawn by train() from the run's log
     print("\n" + table(report))
-    print(f"\n  [{report['metric']['param_convention']}]\nreport: {Path(out) / 'report.json'}; plot: {png}")
+    print(f"\n  [{report['metric']['param_convention']}]\n  [{report['metric']['metric_convention']}]"
+          f"\nreport: {Path(out) / 'report.json'}; plot: {png}")
     return report

@@ -58,7 +58,12 @@ def sample_people(dataset, sample: int | None, seed: int) -> np.ndarray:
 
 def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, window: int = 512,
                   exposure: int = 0, device=None, progress: bool = False) -> PersonLosses:
-    """Summed per-person losses (nats) of ``model`` on the given people."""
+    """Summed per-person losses (nats) of ``model`` on the given people.
+
+    Values of attributes with token ``classes`` (bioS's gender) are scored as the choice
+    between classes in ``value`` and as their token in ``value_raw``; ``position`` records
+    where each value starts, which the chain rule of kcap/capacity.py reads.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -67,10 +72,14 @@ def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, wind
     n_attr = len(dataset.attributes)
     m = len(persons)
     name = np.zeros(m)
-    value = np.zeros(m * n_attr)
-    first = np.zeros(m * n_attr)
+    value, raw, first = np.zeros(m * n_attr), np.zeros(m * n_attr), np.zeros(m * n_attr)
     first_right = np.zeros(m * n_attr)
     wrong = np.zeros(m * n_attr)
+    no_position = np.iinfo(np.int64).max
+    position = np.full(m * n_attr, no_position, np.int64)
+    where = np.arange(tokens.size, dtype=np.int64).reshape(tokens.shape)[:, 1:]
+    scorers = [(VALUE + a, _ClassChoice(attr.classes)) for a, attr in enumerate(dataset.attributes)
+               if attr.classes]
     for lo in tqdm(range(0, len(tokens), batch_size), desc="evaluating", unit="batch",
                    disable=not progress):
         x = torch.from_numpy(tokens[lo:lo + batch_size])
@@ -93,17 +102,54 @@ def person_losses(model, dataset, persons: np.ndarray, batch_size: int = 8, wind
         name += np.bincount(slot[is_name], nll[is_name], minlength=m)
         is_value = fld >= VALUE
         idx = slot[is_value] * n_attr + (fld[is_value] - VALUE)
-        value += np.bincount(idx, nll[is_value], minlength=m * n_attr)
+        raw += np.bincount(idx, nll[is_value], minlength=m * n_attr)
+        scored = nll.copy()
+        for field, choice in scorers:
+            at = np.flatnonzero(fld == field)
+            if at.size:
+                scored[at] = choice.loss(logp.reshape(-1, logp.shape[-1]), x[:, 1:].reshape(-1), at)
+        value += np.bincount(idx, scored[is_value], minlength=m * n_attr)
+        np.minimum.at(position, idx, where[lo:lo + batch_size].ravel()[is_value])
         wrong += np.bincount(idx, ~right[is_value], minlength=m * n_attr)
         is_start = is_value & starts  # the first token of a value
         first_right += np.bincount(slot[is_start] * n_attr + (fld[is_start] - VALUE),
                                    right[is_start], minlength=m * n_attr)
         is_first = is_value & (chunk == 0)
         idx = slot[is_first] * n_attr + (fld[is_first] - VALUE)
-        first += np.bincount(idx, nll[is_first], minlength=m * n_attr)
+        first += np.bincount(idx, scored[is_first], minlength=m * n_attr)
     shape = (m, n_attr)
+    position[position == no_position] = -1
     return PersonLosses(persons, name, value.reshape(shape), first.reshape(shape),
-                        first_right.reshape(shape) > 0, wrong.reshape(shape) == 0)
+                        first_right.reshape(shape) > 0, wrong.reshape(shape) == 0,
+                        value_raw=raw.reshape(shape), position=position.reshape(shape))
+
+
+class _ClassChoice:
+    """Scores a one-token value as the choice between token classes (Attribute.classes)."""
+
+    def __init__(self, classes):
+        import torch
+
+        self.ids = [torch.tensor(c, dtype=torch.int64) for c in classes]
+        self.class_of = {t: c for c, ids in enumerate(classes) for t in ids}
+
+    def loss(self, logp, targets, at: np.ndarray) -> np.ndarray:
+        """-ln P(class of the target) / P(any class) at flat positions ``at``, float64 (k,).
+
+        logp: (n, V) log-probabilities; targets: (n,) token ids."""
+        import torch
+
+        observed = targets[torch.from_numpy(at).to(targets.device)].cpu().tolist()
+        unknown = sorted({t for t in observed if t not in self.class_of})
+        if unknown:
+            raise ValueError(f"token ids {unknown} are labelled as a class-scored value but "
+                             "belong to none of its classes")
+        rows = logp[torch.from_numpy(at).to(logp.device)]
+        per_class = torch.stack([torch.logsumexp(rows[:, ids.to(rows.device)], dim=-1)
+                                 for ids in self.ids], dim=-1)
+        mine = torch.tensor([self.class_of[t] for t in observed], device=rows.device)
+        out = torch.logsumexp(per_class, dim=-1) - per_class.gather(-1, mine[:, None])[:, 0]
+        return out.cpu().double().numpy()
 
 
 def evaluate_capacity(model, dataset, n_params: int, sample: int | None = None, seed: int = 0,

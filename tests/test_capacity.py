@@ -77,8 +77,16 @@ def test_bios_oracle_reaches_r_max():
 
 
 @pytest.mark.parametrize("variant", ["online", "fullname"])
-def test_uniform_over_pools_gives_zero_value_bits(variant):
-    ds, tokens, labels = bios_setup(variant=variant)
+def test_s0_counts_the_gender_only_where_a_pronoun_expresses_it(variant):
+    ds = BioS(BioSConfig(n=10, variant=variant))
+    expected_s0 = 67200 * 200 * 300 * 100 * 263 * (2 if variant == "online" else 1)
+    assert log2_s0(ds) == pytest.approx(math.log2(expected_s0))
+
+
+def test_uniform_over_pools_gives_zero_value_bits():
+    # fullname, whose sentences keep their order: no pronoun and the employer always precedes
+    # the work city. The readings that matter elsewhere: tests/test_capacity_readings.py.
+    ds, tokens, labels = bios_setup(variant="fullname")
     lp = name_logp(ds, tokens, labels)
     cards = {VALUE + i: a.cardinality for i, a in enumerate(ds.attributes)}
     for w in range(len(tokens)):
@@ -91,9 +99,6 @@ def test_uniform_over_pools_gives_zero_value_bits(variant):
                                window=WINDOW)
     assert report.value_bits == pytest.approx(0.0, abs=60 * 7 * FP32 / math.log(2))
     assert report.name_bits == pytest.approx(60 * math.log2(N_FULL_NAMES / 60), rel=FP32)
-    # fullname expresses no gender: S0 has no factor 2 there.
-    expected_s0 = 2 * 67200 * 200 * 300 * 100 * 263 if variant == "online" else 67200 * 200 * 300 * 100 * 263
-    assert log2_s0(ds) == pytest.approx(math.log2(expected_s0))
 
 
 def test_bits_do_not_depend_on_how_a_value_is_split_into_tokens():
@@ -167,14 +172,16 @@ def test_sampling_interval_covers_the_population_value():
     ds = BioS(BioSConfig(n=2000, seed=0))
     rng = np.random.default_rng(1)
     a = len(ds.attributes)
+    order = rng.permuted(np.tile(np.arange(a), (2000, 1)), axis=1)  # each person's sentences
     full = PersonLosses(np.arange(2000), rng.gamma(2.0, 2.0, 2000), rng.gamma(1.0, 3.0, (2000, a)),
-                        np.zeros((2000, a)))
+                        np.zeros((2000, a)), position=order)
     truth = capacity_report(ds, full, 10_000)
     assert truth.bits_ci95 == 0.0
     hits, trials = 0, 300
     for _ in range(trials):
         idx = np.sort(rng.choice(2000, 200, replace=False))
-        part = PersonLosses(idx, full.name[idx], full.value[idx], full.first_chunk[idx])
+        part = PersonLosses(idx, full.name[idx], full.value[idx], full.first_chunk[idx],
+                            position=order[idx])
         r = capacity_report(ds, part, 10_000)
         assert r.bits_ci95 > 0
         hits += abs(r.bits - truth.bits) <= r.bits_ci95
@@ -187,3 +194,27 @@ def test_report_rejects_bad_input():
     losses = PersonLosses(np.arange(10), np.zeros(10), np.zeros((10, 7)), np.zeros((10, 7)))
     with pytest.raises(ValueError, match="n_params"):
         capacity_report(ds, losses, 0)
+    with pytest.raises(ValueError, match="position is needed: work_city"):
+        capacity_report(ds, losses, 10)  # which of work city and employer came first?
+
+
+def test_chain_rule_counts_the_work_city_only_where_it_precedes_the_employer():
+    ds = BioS(BioSConfig(n=4))
+    names = [a.name for a in ds.attributes]
+    city, employer = names.index("work_city"), names.index("employer")
+    value = np.zeros((4, 7))
+    value[:, city] = [1.0, 2.0, 3.0, 4.0]
+    position = np.tile(np.arange(7), (4, 1)) + 10
+    position[[1, 3], city] = [0, 3]  # persons 1 and 3: the city's sentence first
+    losses = PersonLosses(np.arange(4), np.zeros(4), value, value, position=position)
+    report = capacity_report(ds, losses, 10)
+    assert report.p2 == pytest.approx((2.0 + 4.0) / 4)
+    assert report.literal is None  # no raw losses given: nothing literal to report
+    raw = value.copy()
+    raw[:, names.index("gender")] = 0.5
+    report = capacity_report(ds, PersonLosses(np.arange(4), np.zeros(4), value, value,
+                                              value_raw=raw, position=position), 10)
+    assert report.literal["p2"] == pytest.approx(0.5)
+    assert report.literal["gender_token_loss"] == pytest.approx(0.5)
+    assert report.literal["determined_first"] == {"work_city": 0.5}
+    assert report.literal["bits"] - report.bits == pytest.approx(4 * (1.5 - 0.5) / math.log(2))

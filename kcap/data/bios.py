@@ -112,10 +112,11 @@ class BioS:
         seed = config.seed
         self._keys = {t: rng.stream_key(seed, "bioS/" + t)
                       for t in ("names", "attributes", "templates", "order")}
-        self.attributes = [Attribute(a, c, counted=a != "work_city") for a, c in zip(
-            ATTRIBUTES, (N_BIRTH_DATES, 200, 300, 100, 263, 263))]
+        self.attributes = [Attribute(a, c) for a, c in zip(
+            ATTRIBUTES[:5], (N_BIRTH_DATES, 200, 300, 100, 263))]
+        self.attributes.append(Attribute("work_city", 263, counted=False, determined_by="employer"))
         if not self.variant.fullname:
-            self.attributes.append(Attribute("gender", 2))
+            self.attributes.append(Attribute("gender", 2, classes=gender_classes()))
         self.n_names = N_FULL_NAMES
         self._tables = _compiled_tables(self.variant.fullname)
 
@@ -246,6 +247,26 @@ class BioS:
                         for i, k in enumerate(("first", "middle", "last"))]
         entries += [t.value_base[a] + prof[attr] for a, attr in enumerate(ATTRIBUTES)]
         return t.table.entry_tokens(np.concatenate([np.asarray(x, np.int64) for x in entries]))
+
+
+@functools.lru_cache(maxsize=1)
+def gender_classes() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Token ids of every pronoun the templates can write (capitalised or not, with or
+    without the leading space), male then female: the gender value's two classes."""
+    tok = default_tokenizer()
+    classes = []
+    for gender in (0, 1):
+        ids = set()
+        for word in {pair[gender] for pair in _PRONOUNS.values()}:
+            for text in (word, " " + word):
+                encoded = tok.encode_known(text)
+                if len(encoded) != 1:  # the metric scores the gender on one token
+                    raise ValueError(f"pronoun {text!r} must be one token, got {encoded}")
+                ids.add(encoded[0])
+        classes.append(tuple(sorted(ids)))
+    if set(classes[0]) & set(classes[1]):
+        raise ValueError("a pronoun token expresses both genders")
+    return classes[0], classes[1]
 
 
 def distinct_values(dataset, keys, chunk: int = 1 << 20) -> dict[str, np.ndarray]:

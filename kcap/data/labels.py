@@ -97,7 +97,19 @@ class TokenLabels:
 class Attribute:
     """One attribute of a person: ``cardinality`` equally likely values; ``counted`` says
     whether its bits are part of the knowledge (bioS's working city is a function of the
-    employer, so it carries none)."""
+    employer, so it carries none).
+
+    ``determined_by``: the attribute this one is a function of (work city: employer). Where
+    its value comes first in a biography it already reveals part of that attribute, so the
+    metric counts its loss in that attribute's term (the chain rule; kcap/capacity.py).
+
+    ``classes``: for a value of one token whose token also carries template choices (the
+    gender's pronoun: He / His / him ...), the token ids expressing each value (class c
+    holds the ids of value c). The metric scores the value as the choice between classes,
+    -ln sum(p(class of the observed token)) / sum(p(any class)), not the token itself.
+    """
     name: str
     cardinality: int
     counted: bool = True
+    determined_by: str | None = None
+    classes: tuple[tuple[int, ...], ...] | None = None
