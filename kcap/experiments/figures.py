@@ -12,6 +12,7 @@ useful data against exposures, one line per training mix).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -191,8 +192,8 @@ def _quantized(ax, done):
     if len(set(names)) < len(names):  # runs that differ in another label: name them by run
         names = [str(r.get("run")) for r in done]
     order = sorted(range(len(done)), key=lambda i: (
-        str(done[i].get("labels", {}).get("model")), _order(done[i].get("labels", {}).get("n")),
-        names[i]))
+        _order(str(done[i].get("labels", {}).get("model"))),
+        _order(done[i].get("labels", {}).get("n")), names[i]))
     width = 0.8 / (len(steps) + 1)
     colours = {"trained": "dimgrey", **_colours(steps)}
     for j, step in enumerate(["trained"] + steps):
@@ -216,33 +217,49 @@ def _quantized(ax, done):
 
 
 def _junk(ax, done):
-    """R on the useful data against exposures, one line per training mix.
+    """R on the useful data against exposures: a colour per training mix, a marker per model
+    and N (a mix's runs of one model and N make one line).
 
-    Runs of one mix at one exposure count (an lr sweep) are one point, at their best R.
+    Runs that differ only in "lr" (an lr sweep) are one point, at their best R.
     """
     best: dict[tuple, dict] = {}
     for r in done:
-        exposures = _number(r.get("labels", {}), "exposures", r)
-        key = (_text(_label(r, "mix")), exposures)
+        _number(r.get("labels", {}), "exposures", r)
+        _label(r, "mix")
+        key = tuple(sorted((k, _text(v)) for k, v in r["labels"].items() if k != "lr"))
         if key not in best or _number(r, "R") > best[key]["R"]:
             best[key] = r
-    mixes = sorted({m for m, _ in best}, key=lambda m: (m != "none", m))  # the control first
-    for mix, colour in _colours(mixes).items():
-        points = sorted((e, r) for (m, e), r in best.items() if m == mix)
-        err = [r.get("R_ci95") or 0 for _, r in points]
-        ax.errorbar([e for e, _ in points], [r["R"] for _, r in points],
-                    yerr=err if any(err) else None, fmt="o-", ms=5, capsize=2, color=colour,
-                    label=mix)
+    series: dict[tuple, list] = {}
+    for r in best.values():
+        labels = r["labels"]
+        model = (str(labels.get("model", "")), labels.get("n"))
+        series.setdefault((_text(labels["mix"]), model), []).append(r)
+    mixes = sorted({m for m, _ in series}, key=lambda m: (m != "none", m))  # the control first
+    models = sorted({m for _, m in series}, key=lambda m: (_order(m[0]), _order(m[1])))
+    colours, markers = _colours(mixes), dict(zip(models, "osD^vPX*" * 8))
+    for (mix, model), points in sorted(series.items(), key=lambda s: (mixes.index(s[0][0]),
+                                                                      models.index(s[0][1]))):
+        points.sort(key=lambda r: r["labels"]["exposures"])
+        err = [r.get("R_ci95") or 0 for r in points]
+        ax.errorbar([r["labels"]["exposures"] for r in points], [r["R"] for r in points],
+                    yerr=err if any(err) else None, fmt="-", marker=markers[model], ms=5,
+                    capsize=2, color=colours[mix])
     ax.set_xscale("log")
-    ticks = sorted({e for _, e in best})
+    ticks = sorted({r["labels"]["exposures"] for r in best.values()})
     ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     if any(r["R"] < 0 for r in best.values()):
         ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("exposures per person")
     ax.set_ylabel("R (bits/param on the useful data)")
-    ax.legend(title="training mix", fontsize="small", loc="upper left",
-              bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    legend = ax.legend([Line2D([], [], color=colours[m], marker="o", ms=5) for m in mixes],
+                       mixes, title="training mix", fontsize="small", loc="upper left",
+                       bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    if len(models) > 1:  # a second legend, of markers, only when there are several models
+        ax.add_artist(legend)
+        ax.legend([Line2D([], [], ls="", color="black", marker=markers[m], ms=5)
+                   for m in models], [f"{m} N={_text(n)}" for m, n in models], title="model",
+                  fontsize="small", loc="lower left", bbox_to_anchor=(1.01, 0), borderaxespad=0)
 
 
 def _align(law_texts):
@@ -321,7 +338,10 @@ def _number(d, key, row=None) -> float:
 
 
 def _order(value):
-    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+    """Numbers before names; names with numbers in them by those numbers (gpt2-4-4 first)."""
+    if isinstance(value, (int, float)):
+        return (0, value, [])
+    return (1, 0, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(value))])
 
 
 def _text(value) -> str:

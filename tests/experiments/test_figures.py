@@ -104,6 +104,16 @@ def test_junk_lines_per_mix(tmp_path):
     for expected in ("exposures per person", "R (bits/param on the useful data)",
                      "training mix", "none", "random junk", "repetitive junk"):
         assert expected in text, expected
+    assert ">model<" not in text  # one model: no legend of markers
+
+
+def test_junk_several_models_get_a_marker_legend(tmp_path):
+    rows = [_row(f"{mix}-{s}-e{e}", bits=e * 10.0, params=10_000,
+                 labels={"mix": mix, "exposures": e, "n": 1000, "model": f"gpt2-{s}"})
+            for mix in ("none", "random junk") for e in (100, 300) for s in ("4-4", "12-12")]
+    text = _svg(draw_figure("junk", rows, tmp_path / "r10", "junk"))
+    assert ">model<" in text and "gpt2-4-4 N=1,000" in text and "gpt2-12-12 N=1,000" in text
+    assert text.index("gpt2-4-4 N=1,000") < text.index("gpt2-12-12 N=1,000")
 
 
 @pytest.mark.parametrize("kind", KINDS)
