@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--include-head", action="store_true", help="quantize an untied LM head too")
     qz.add_argument("--out", required=True, help="folder for the quantized model")
 
+    from kcap.experiments.cli import add_parser as add_experiment_parser
+    add_experiment_parser(sub)
+
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -239,6 +242,12 @@ def cmd_demo(args):
     run_demo(args.out, args.preset)
 
 
+def cmd_experiment(args):
+    from kcap.experiments.cli import cmd
+
+    cmd(args)
+
+
 def cmd_train(args):
     from kcap.config_file import load_config
     from kcap.demo import table
@@ -307,7 +316,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval,
-         "quantize": cmd_quantize}[args.command](args)
+         "quantize": cmd_quantize, "experiment": cmd_experiment}[args.command](args)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's last flush
     except BrokenPipeError:
         # the reader left (`kcap data ... | head`): stop quietly like other Unix tools; stdout

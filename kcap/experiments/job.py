@@ -1,0 +1,108 @@
+"""One run of a sweep as a picklable job: train (or resume), then the post-steps, then write
+the run's row of the results table.
+
+A sweep folder holds
+  sweep.json                the experiment, preset and grid (a folder holds one sweep)
+  runs/<name>/              the training run folder (checkpoints, log.jsonl, report.json)
+  post/<name>/<step>/       what post-steps made (a quantized model and its eval.json)
+  jobs/<name>/              the job's own files: result.json (its row), failed.json,
+                            and the executor's job.pkl and worker.log
+  results.jsonl, results.md, figures/
+
+Every step checks what is already on disk first, so running a job again after a kill (or
+after it finished) continues it instead of starting over.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kcap.atomic import write_json
+from kcap.experiments.spec import PostStep, Run
+
+
+def config_record(config) -> dict:
+    """A TrainConfig as its JSON files hold it (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+@dataclass
+class RunJob:
+    run: Run
+    sweep: Path
+    experiment: str
+    preset: str
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.sweep) / "jobs" / self.run.name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.sweep) / "runs" / self.run.name
+
+    def result(self) -> dict | None:
+        """The finished row of this run, if it is on disk and belongs to this config."""
+        try:
+            row = json.loads((self.folder / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return row if row.get("config") == config_record(self.run.config) else None
+
+    def __call__(self) -> dict:
+        return execute(self)
+
+
+def execute(job: RunJob) -> dict:
+    """Train (or resume) the run, do its post-steps, write and return its row."""
+    from kcap.experiments.results import row_from_report
+
+    done = job.result()
+    if done is not None:
+        return done
+    report = _trained(job)
+    post = {step.name: _post_step(job, step) for step in job.run.post}
+    row = row_from_report(job, report, post)
+    write_json(job.folder / "result.json", row)
+    (job.folder / "failed.json").unlink(missing_ok=True)
+    return row
+
+
+def _trained(job: RunJob) -> dict:
+    from kcap.train import train
+
+    try:  # report.json is written once training and its final evaluation are done
+        return json.loads((job.run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return train(job.run.config, job.run_dir, resume=True, progress=False)
+
+
+def _post_step(job: RunJob, step: PostStep) -> dict:
+    """Quantize the trained run and measure it again on the same people."""
+    from kcap.evaluate_checkpoint import evaluate_checkpoint
+    from kcap.quantize_run import quantize_run
+
+    out = Path(job.sweep) / "post" / job.run.name / step.name
+    try:
+        return json.loads((out / "eval.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if out.exists():  # an attempt killed half-way: the folder is ours, start it again
+        shutil.rmtree(out)
+    opts = step.options
+    quantize_run(job.run_dir, out, bits=opts.get("bits", 8), method=opts.get("method", "rtn"),
+                 group_size=opts.get("group_size", 64))
+    # the same people as the run's own final evaluation (same sample size, same seed)
+    report, info = evaluate_checkpoint(out, sample=job.run.config.eval_sample,
+                                       device="cpu" if job.run.config.device == "cpu" else "auto")
+    result = {"bits": report.bits, "R": report.R, "R_ci95": report.R_ci95,
+              "stored_bits": info.get("stored_bits"), "method": opts.get("method"),
+              "bits_per_weight": opts.get("bits")}
+    write_json(out / "eval.json", result)
+    return result

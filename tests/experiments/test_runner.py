@@ -1,0 +1,128 @@
+"""Sweeps end to end on CPU: r1, r8 and r10 smoke produce figures and results.md; a killed
+sweep, run again, completes with the results of an uninterrupted one; a run that raises is
+retried once and reported while the others finish; the Slurm path runs through submitit's
+local executor."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kcap.experiments import registry
+from kcap.experiments.executors import LocalExecutor, SubmititExecutor
+from kcap.experiments.grids import run
+from kcap.experiments.results import _writer_alive, read_results
+from kcap.experiments.runner import run_sweep
+from kcap.experiments.spec import Experiment
+
+# What must be identical between an uninterrupted sweep and a killed-then-continued one
+# (training on CPU is deterministic at a fixed thread count; time and pace are not).
+SAME = ("run", "status", "bits", "bits_max", "R", "R_max", "params", "tokens", "steps", "literal_R")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def executor():
+    return LocalExecutor(["cpu", "cpu"], threads=1)
+
+
+def sweep(key, out):
+    with executor() as ex:
+        return run_sweep(key, "smoke", out, ex, progress=False)
+
+
+@pytest.fixture(scope="module")
+def r1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r1")
+    return out, sweep("r1", out)
+
+
+def test_r1_smoke_writes_its_table_figure_and_findings(r1):
+    out, rows = r1
+    assert [r["status"] for r in rows] == ["done"] * len(registry.get("r1").grid("smoke"))
+    assert read_results(out) == rows
+    assert all(r["bits"] > 0 and r["R"] == pytest.approx(r["bits"] / r["params"]) for r in rows)
+    assert (out / "figures" / "r1.png").stat().st_size > 5000 and (out / "figures" / "r1.svg").exists()
+    text = (out / "results.md").read_text()
+    assert "peak R (bits/param)" in text and "paper: >= 2" in text and "figures/r1.png" in text
+    for r in rows:
+        assert f"| {r['run']} | done |" in text
+
+
+def test_a_finished_sweep_runs_nothing_again(r1):
+    out, rows = r1
+    mtimes = {p: p.stat().st_mtime for p in (out / "jobs").glob("*/result.json")}
+    t0 = time.perf_counter()
+    again = sweep("r1", out)
+    assert time.perf_counter() - t0 < 15
+    assert [{k: r[k] for k in SAME} for r in again] == [{k: r[k] for k in SAME} for r in rows]
+    assert mtimes == {p: p.stat().st_mtime for p in (out / "jobs").glob("*/result.json")}
+
+
+def test_a_killed_sweep_continues_to_the_same_results(r1, tmp_path):
+    _, expected = r1
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "kcap", "experiment", "run", "r1", "--preset", "smoke", "--out",
+           str(out), "--slots", "2", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("runs/*/checkpoints/step-*")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("jobs/*/result.json")))
+    assert done_before < len(expected), "nothing was left to continue"
+    deadline = time.time() + 20  # its workers die with it (parent-death signal)
+    while time.time() < deadline and any(_writer_alive(d) for d in out.glob("runs/*")):
+        time.sleep(0.2)
+    rows = sweep("r1", out)
+    assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in expected]
+
+
+def tiny_experiment(key, runs):
+    return Experiment(key, "test", "test claim", "test grid", {"smoke": lambda: runs},
+                      lambda rows: [], "capacity")
+
+
+def test_a_failing_run_is_retried_once_and_reported(tmp_path, monkeypatch):
+    good = run("smoke", "gpt2-1-1", 30, 100)
+    # valid as a config, fails when it trains: this machine has no CUDA
+    bad = run("smoke", "gpt2-1-1", 30, 100, name="needs-cuda")
+    bad = dataclasses.replace(bad, config=dataclasses.replace(bad.config, device="cuda"))
+    monkeypatch.setitem(registry.EXPERIMENTS, "rtest", tiny_experiment("rtest", [bad, good]))
+    rows = sweep("rtest", tmp_path)
+    assert [r["status"] for r in rows] == ["failed", "done"]
+    assert rows[0]["attempts"] == 2 and "cuda" in rows[0]["error"].lower()
+    log = (tmp_path / "jobs" / "needs-cuda" / "worker.log").read_text()
+    assert log.count("\n=== ") == 2  # tried twice: one header per attempt
+    assert "| needs-cuda | failed |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("key", ["r8", "r10"])
+def test_post_steps_and_junk_mixtures_end_to_end(key, tmp_path):
+    rows = sweep(key, tmp_path)
+    assert all(r["status"] == "done" for r in rows)
+    assert (tmp_path / "figures" / f"{key}.png").exists()
+    text = (tmp_path / "results.md").read_text()
+    if key == "r8":
+        for r in rows:
+            assert set(r["post"]) == {"int8-rtn", "int8-gptq", "int4-rtn", "int4-gptq"}
+            # int8 keeps (nearly) everything a trained model stores
+            assert r["post"]["int8-rtn"]["bits"] == pytest.approx(r["bits"], rel=0.05)
+        assert "R after int4-gptq / R trained" in text
+    else:
+        assert {r["labels"]["mix"] for r in rows} == {"none", "random junk"}
+        assert "R(random junk, 100 exposures) / R(no junk, 100)" in text
+
+
+def test_the_slurm_path_runs_an_array_through_submitit(tmp_path, monkeypatch):
+    runs = [run("smoke", "gpt2-1-1", 30, 100), run("smoke", "gpt2-1-1", 40, 100)]
+    monkeypatch.setitem(registry.EXPERIMENTS, "rslurm", tiny_experiment("rslurm", runs))
+    with SubmititExecutor(tmp_path / "slurm", cluster="local", timeout_min=10) as ex:
+        rows = run_sweep("rslurm", "smoke", tmp_path / "sweep", ex, progress=False)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert list((tmp_path / "slurm").iterdir())  # submitit's own logs
