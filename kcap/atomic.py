@@ -10,6 +10,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# mkstemp creates files readable by their owner only; a result file should get the mode any
+# other tool would give it (0666 less the umask). Read once: os.umask can only be read by
+# setting it, which is not safe once threads run.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path):
@@ -18,6 +24,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:

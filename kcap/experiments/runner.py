@@ -90,18 +90,19 @@ def _drive(executor, jobs, todo, retries: int, progress: bool) -> None:
 
 
 def _pace(left_jobs, tokens: dict) -> str:
-    """'k running, X tokens/s, ETA ...' from the logs of the runs in flight."""
-    rate, remaining, running = 0.0, 0.0, 0
+    """'name 40%, name 12%; X tokens/s, ETA ...' from the logs of the runs in flight."""
+    rate, remaining, running = 0.0, 0.0, []
     for j in left_jobs:
         last = last_record(j.run_dir)
         done = last.get("tokens", 0) if last else 0
         remaining += max(0.0, tokens[j.name] - done)
         if last and time.time() - (j.run_dir / "log.jsonl").stat().st_mtime < 120:
-            running += 1
             rate += last.get("tokens_per_s", 0.0)
+            running.append(f"{j.name} {min(1.0, done / max(tokens[j.name], 1)):.0%}")
     if not rate:
         return f"{len(left_jobs)} left"
-    return (f"{running} running, {human(rate)} tokens/s, ETA {duration(remaining / rate)}")
+    shown = ", ".join(running[:3]) + (f" +{len(running) - 3}" if len(running) > 3 else "")
+    return f"{shown}; {human(rate)} tokens/s, ETA {duration(remaining / rate)}"
 
 
 def last_record(run_dir: Path) -> dict | None:
