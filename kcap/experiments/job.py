@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,9 +67,11 @@ def execute(job: RunJob) -> dict:
     done = job.result()
     if done is not None:
         return done
+    start = time.perf_counter()
     report = _trained(job)
     post = {step.name: _post_step(job, step) for step in job.run.post}
     row = row_from_report(job, report, post)
+    row["wall_s"] = time.perf_counter() - start  # the attempt that finished it
     write_json(job.folder / "result.json", row)
     (job.folder / "failed.json").unlink(missing_ok=True)
     return row

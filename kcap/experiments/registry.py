@@ -76,6 +76,8 @@ def _junk(preset, mixes):
     """The no-junk 100-exposure baseline and each mix at its exposures. Random junk: bioS
     of 100M people, never repeated; repetitive junk: bioS(1K)."""
     sizes, people = COMPARE[preset]
+    if preset == "smoke":  # junk windows come on top (8x the tokens): fewer people
+        people = (50,)
     kinds = {"random junk": dict(junk_n=100_000_000), "repetitive junk": dict(junk_n=1000),
              "random junk + marker": dict(junk_n=100_000_000, marker=True)}
     runs = [run(preset, f"gpt2-{s}", n, 100, labels={"mix": "none"}, name=f"gpt2-{s}-n{short(n)}-e100")

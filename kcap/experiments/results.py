@@ -3,7 +3,9 @@ runs wrote. Figures and results.md are drawn from these rows only.
 
 A row: experiment, preset, run, status (done | failed | running | interrupted | pending),
 labels, config, and for a done run: bits, bits_max, R, R_max, R_ci95, params (counted),
-tokens, steps, train_s (seconds of training, evaluations excluded), device, literal_R (bioS:
+tokens, steps, train_s (seconds of training, evaluations excluded, over every attempt),
+wall_s (seconds of the attempt that finished the run, evaluations and post-steps
+included), device, literal_R (bioS:
 Definition 4.3 read literally, see kcap/capacity.py), post ({step: {bits, R, R_ci95,
 stored_bits}}); for a failed run: error and attempts.
 """
@@ -18,7 +20,7 @@ from kcap.atomic import write_text
 from kcap.experiments.job import config_record
 
 NUMBERS = ("bits", "bits_max", "R", "R_max", "R_ci95", "params", "tokens", "steps", "train_s",
-           "device", "literal_R")
+           "wall_s", "device", "literal_R")
 
 
 def row_from_report(job, report: dict, post: dict) -> dict:
