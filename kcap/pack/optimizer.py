@@ -1,0 +1,251 @@
+"""AdamW over a pack's stacked parameters: every model stepped as the solo trainer steps it.
+
+The solo trainer (kcap.train) clips each model's gradients by its global norm
+(torch.nn.utils.clip_grad_norm_) and steps torch.optim.AdamW with two param groups: weight
+decay on tensors with ndim >= 2 (matrices, embeddings), none on biases and norm gains
+(kcap.train._optimizer). StackedAdamW does the same per model in one pass over the stacked
+tensors, with per-model lr, weight decay, betas, eps and max grad norm, per-model step
+counts and an ``active`` mask: a finished model's weights, moments and step stay as they are.
+
+The math is torch.optim.AdamW's single-tensor path op for op: the per-model scalars (bias
+corrections, step size, decay factor) are computed in Python floats as torch computes
+them, then applied as float32 (M, 1, ...) columns, and fused ops keep their operand order
+(``addcdiv(exp_avg * -step_size, denom)`` is ``addcdiv(exp_avg, denom, value=-step_size)``).
+So on CPU a step with equal gradients gives equal bits (tested); only the clipping norm
+differs by rounding (per-model reductions over the stacked tensors). Hyperparameters and
+the schedule live on the host, so a step never waits for the GPU: one small upload.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kcap.pack.stacked import StackedModels
+
+# columns of the per-step coefficient table (M, len(_COLUMNS))
+_COLUMNS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size",
+            "bias_correction2_sqrt", "eps", "max_norm", "active")
+
+
+def decayed(solo_ndim: int) -> bool:
+    """Whether the solo trainer decays a parameter of this ndim (kcap.train._optimizer)."""
+    return solo_ndim >= 2
+
+
+class StackedAdamW:
+    """AdamW for a StackedModels, one set of hyperparameters per model.
+
+    lr, weight_decay, eps, max_grad_norm: a float (all models) or M floats; betas: a pair
+    whose entries are each a float or M floats. max_grad_norm 0 turns clipping off for that
+    model. ``lr`` is only the value recorded in state_for_model until the first step (as the
+    solo optimizer is built with the peak lr); step() takes each step's lrs.
+    """
+
+    def __init__(self, pack: StackedModels, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98),
+                 eps=1e-6, max_grad_norm=1.0):
+        if not isinstance(pack, StackedModels):
+            raise TypeError(f"StackedAdamW needs a StackedModels, got {type(pack).__name__}")
+        self.pack, self.m = pack, pack.m
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        self.lr = self._per_model(lr, "lr", low=0.0)
+        self.weight_decay = self._per_model(weight_decay, "weight_decay", low=0.0)
+        self.beta1 = self._per_model(betas[0], "betas[0]", low=0.0, below=1.0)
+        self.beta2 = self._per_model(betas[1], "betas[1]", low=0.0, below=1.0)
+        self.eps = self._per_model(eps, "eps", low=0.0, positive=True)
+        self.max_grad_norm = self._per_model(max_grad_norm, "max_grad_norm", low=0.0)
+        self.steps = [0] * self.m
+        named = pack.named_stacked()
+        # the solo optimizer's order: decayed tensors (group 0), then the others (group 1)
+        self.groups = ([n for n, p in named if decayed(p.ndim - 1)],
+                       [n for n, p in named if not decayed(p.ndim - 1)])
+        self.params = dict(named)
+        self._decayed = set(self.groups[0])
+        self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
+        self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
+
+    def _per_model(self, value, name: str, low: float, below: float | None = None,
+                   positive: bool = False) -> list[float]:
+        """M Python floats from a float, a sequence or a 1-D tensor (validated)."""
+        if torch.is_tensor(value):
+            value = value.tolist()
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * self.m
+        if len(values) != self.m:
+            raise ValueError(f"{name} needs a float or {self.m} values, got {len(values)}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{name} values must be finite numbers, got {v!r}")
+            if v < low or (below is not None and v >= below) or (positive and v <= 0):
+                raise ValueError(f"{name} values must be {'> ' if positive else '>= '}{low}"
+                                 f"{f' and < {below}' if below is not None else ''}, got {v}")
+        return [float(v) for v in values]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params.values():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def _table(self, lrs: list[float], active: list[bool]) -> torch.Tensor:
+        """The per-model coefficients of this step, (M, len(_COLUMNS)) float32 on the
+        params' device, computed exactly as torch's _single_tensor_adam computes its scalars."""
+        rows = []
+        for i in range(self.m):
+            lr, b1, b2 = lrs[i], self.beta1[i], self.beta2[i]
+            step = float(self.steps[i] + 1)  # the step this update would be (unused if inactive)
+            bias_correction1 = 1 - b1 ** step
+            bias_correction2 = 1 - b2 ** step
+            rows.append([1 - lr * self.weight_decay[i], 1 - b1, b2, 1 - b2, -(lr / bias_correction1),
+                         bias_correction2 ** 0.5, self.eps[i], self.max_grad_norm[i], float(active[i])])
+        # float64 -> float32 rounds each value as torch's kernels round a Python scalar
+        table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+        device = next(iter(self.params.values())).device
+        if device.type == "cuda":  # pinned: the upload does not wait for the GPU
+            table = table.pin_memory().to(device, non_blocking=True)
+        return table.to(device)
+
+    @torch.no_grad()
+    def step(self, lrs, active=None) -> torch.Tensor:
+        """One AdamW step of every active model; returns each model's gradient norm before
+        clipping, (M,) float32 (as clip_grad_norm_ returns it).
+
+        lrs: (M,) this step's learning rates (a float64 CPU tensor or a list of floats keeps
+        the schedule's exact values; a device tensor costs a synchronisation). active: (M,)
+        bool (default all): an inactive model is left exactly as it is, whatever its grads.
+        """
+        lrs = self._per_model(lrs, "lrs", low=0.0)
+        if active is None:
+            active = [True] * self.m
+        elif torch.is_tensor(active):
+            if active.dtype != torch.bool or active.shape != (self.m,):
+                raise ValueError(f"active must be a bool tensor of shape ({self.m},), got "
+                                 f"{active.dtype} {tuple(active.shape)}")
+            active = active.tolist()
+        elif len(active) != self.m or not all(isinstance(a, bool) for a in active):
+            raise ValueError(f"active must be {self.m} bools, got {active!r}")
+        table = self._table(lrs, active)
+        col = {name: table[:, j] for j, name in enumerate(_COLUMNS)}
+        with_grad = [n for n in self.params if self.params[n].grad is not None]
+        norms = self._clip([self.params[n].grad for n in with_grad], col["max_norm"])
+        for n in with_grad:
+            shape = (self.m,) + (1,) * (self.params[n].ndim - 1)
+            self._update(n, {k: v.view(shape) for k, v in col.items()}, all(active))
+        for i in range(self.m):
+            if active[i]:
+                self.steps[i] += 1
+                self.lr[i] = lrs[i]
+        return norms
+
+    def _clip(self, grads: list[torch.Tensor], max_norm: torch.Tensor) -> torch.Tensor:
+        """Scale each model's gradients as clip_grad_norm_ would for that model alone:
+        g *= min(max_norm / (norm + 1e-6), 1) with the norm over its own tensors only."""
+        if not grads:
+            return torch.zeros(self.m, device=max_norm.device)
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(self.m, -1), dim=1) for g in grads], 1)
+        total = torch.linalg.vector_norm(per_tensor, dim=1)
+        # (total + 1e-6).reciprocal() * max_norm: how torch evaluates max_norm / tensor
+        coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
+        coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))
+        for g in grads:
+            g.mul_(coef.view((self.m,) + (1,) * (g.ndim - 1)).to(g.dtype))
+        return total
+
+    def _update(self, name: str, c: dict, all_active: bool) -> None:
+        """torch.optim.AdamW's single-tensor update of one stacked tensor, op for op, with
+        per-model columns ``c`` of shape (M, 1, ...). With every model active it runs in
+        place; otherwise on copies, of which only the active models' rows are kept."""
+        p, g = self.params[name], self.params[name].grad
+        m, v = self.exp_avg[name], self.exp_avg_sq[name]
+        new_p, new_m, new_v = (p, m, v) if all_active else (p.clone(), m.clone(), v.clone())
+        if name in self._decayed:  # group 1 has weight_decay 0: no multiply at all
+            new_p.mul_(c["decay"])
+        new_m.lerp_(g, c["one_minus_beta1"])
+        # addcmul(g, g, value=s) computes s * g * g: (g * s) * g is the same product
+        new_v.mul_(c["beta2"]).addcmul_(g * c["one_minus_beta2"], g)
+        denom = (new_v.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
+        new_p.addcdiv_(new_m * c["neg_step_size"], denom)  # = addcdiv(m, denom, value=-step)
+        if not all_active:
+            keep = c["active"] > 0.5
+            p.copy_(torch.where(keep, new_p, p))
+            m.copy_(torch.where(keep, new_m, m))
+            v.copy_(torch.where(keep, new_v, v))
+
+    # --- per-model checkpoints in the solo optimizer's format -------------------------------
+
+    def _group_template(self) -> dict:
+        """A param group of this torch version's AdamW.state_dict() (its keys and defaults)."""
+        return torch.optim.AdamW([torch.zeros(1)], fused=False).state_dict()["param_groups"][0]
+
+    def state_for_model(self, i: int) -> dict:
+        """Model i's optimizer state as torch.optim.AdamW.state_dict() of the solo trainer
+        (kcap.train._optimizer's two groups) would give it: copies, moments on the params'
+        device, ``step`` a float32 scalar tensor (on the device when fused, as on CUDA)."""
+        i = self._index(i)
+        device = next(iter(self.params.values())).device
+        fused = device.type == "cuda"  # as kcap.train._optimizer builds it
+        order = self.groups[0] + self.groups[1]
+        groups = []
+        for g, names in enumerate(self.groups):
+            group = self._group_template()
+            first = sum(len(x) for x in self.groups[:g])
+            group.update(lr=self.lr[i], betas=(self.beta1[i], self.beta2[i]), eps=self.eps[i],
+                         weight_decay=self.weight_decay[i] if g == 0 else 0.0, fused=fused,
+                         params=list(range(first, first + len(names))))
+            groups.append(group)
+        state = {}
+        if self.steps[i]:  # the solo optimizer has no state before its first step
+            step_device = device if fused else torch.device("cpu")
+            for j, n in enumerate(order):
+                step = torch.tensor(float(self.steps[i]), dtype=torch.float32, device=step_device)
+                state[j] = {"step": step,
+                            "exp_avg": self.exp_avg[n][i].clone(),
+                            "exp_avg_sq": self.exp_avg_sq[n][i].clone()}
+        return {"state": state, "param_groups": groups}
+
+    def load_model_state(self, i: int, state_dict: dict) -> None:
+        """Load a solo AdamW state_dict (as state_for_model or the solo trainer gives it)
+        into model i: its moments, step and hyperparameters (lr, weight decay, betas, eps)."""
+        i = self._index(i)
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError("an optimizer state_dict has exactly the keys 'state' and 'param_groups'")
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        order = self.groups[0] + self.groups[1]
+        expect = [list(range(len(self.groups[0]))), list(range(len(self.groups[0]), len(order)))]
+        if len(groups) != 2 or [list(g.get("params", ())) for g in groups] != expect:
+            raise ValueError("param_groups must be the solo trainer's two groups (decayed tensors "
+                             f"{expect[0]}, then the others {expect[1]})")
+        g0, g1 = groups
+        for key in ("lr", "betas", "eps"):
+            if list(map(float, g0[key] if key == "betas" else [g0[key]])) != \
+                    list(map(float, g1[key] if key == "betas" else [g1[key]])):
+                raise ValueError(f"the two param groups differ in {key}; a pack holds one per model")
+        if g1["weight_decay"] != 0 or g0.get("amsgrad") or g0.get("maximize"):
+            raise ValueError("the pack's AdamW needs weight_decay 0 on group 1, amsgrad and maximize off")
+        if state and set(state) != set(range(len(order))):
+            raise ValueError(f"state must hold all {len(order)} parameters or none")
+        steps = {float(s["step"]) for s in state.values()}
+        if len(steps) > 1:
+            raise ValueError(f"all parameters must be at one step, got {sorted(steps)}")
+        for j, n in enumerate(order if state else ()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(state[j][key].shape) != tuple(self.params[n].shape[1:]):
+                    raise ValueError(f"state {j} ({n}) {key} has shape {tuple(state[j][key].shape)}, "
+                                     f"expected {tuple(self.params[n].shape[1:])}")
+        lr, wd = float(g0["lr"]), float(g0["weight_decay"])
+        b1, b2 = map(float, g0["betas"])
+        eps = float(g0["eps"])
+        if not (lr >= 0 and wd >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1 and eps > 0):
+            raise ValueError(f"bad hyperparameters: lr {lr}, weight_decay {wd}, betas {(b1, b2)}, eps {eps}")
+        with torch.no_grad():
+            for j, n in enumerate(order):
+                self.exp_avg[n][i].copy_(state[j]["exp_avg"] if state else 0)
+                self.exp_avg_sq[n][i].copy_(state[j]["exp_avg_sq"] if state else 0)
+        self.steps[i] = int(steps.pop()) if state else 0
+        self.lr[i], self.weight_decay[i], self.beta1[i], self.beta2[i], self.eps[i] = lr, wd, b1, b2, eps
+
+    def _index(self, i) -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.m:
+            raise ValueError(f"model index must be an int in [0, {self.m}), got {i!r}")
+        return i

@@ -1,0 +1,231 @@
+"""A pack: M solo Transformers of one config as one module, weights stacked on a leading dim.
+
+Why: the paper's models are tiny (0.2M-3M counted parameters) and one of them cannot fill
+a GPU (the gpt2-4-4 demo used ~3% of an H100's bf16 peak). Training many models as one
+wider computation is the measured fix (HFTA fused identical operators of many models, up
+to 15x throughput). Here every layer of the M models runs as one batched operation: the
+model's own forward is vmapped (torch.func.vmap over functional_call) over stacked
+weights, so linear layers become batched matmuls and the pack cannot drift from the solo
+Transformer's code.
+
+What equals the solo computation (fp32, CPU):
+  * the math: model i's logits and loss are the solo model's on ids[i] and targets[i]
+    (the loss is the mean over non-ignored targets, 0 with no gradient when all are -100);
+  * bit for bit, as measured by tests/pack: embeddings, norms, rotary, attention (the model
+    dim is folded into the batch of one SDPA call, rows are computed alike) and the logits
+    (CPU bmm per model gives mm's bits); BLAS does not promise this, so it is not relied on.
+Only equal up to rounding (fp32 reassociation): the loss (per-token losses summed per model
+vs. nll_loss's own sum: a few ulps) and the gradients (weight gradients are reductions over
+B*T rows done by batched GEMMs, over the padded batch). GPU kernels (bmm vs mm, bf16) are
+only ever equal up to rounding.
+
+Attention: the pack's base module uses the torch attention and MLP (attn_impl/mlp_impl
+"torch"): the Triton kernels have no vmap rule. Inside the pack's forward, SDPA calls are
+routed to one call over (M * B) rows (``_FoldedAttention``) instead of vmap's per-model
+fallback loop (PyTorch has batch rules for the CUDA SDPA kernels, none for the CPU one).
+MoE models are refused: the C++ router is not batched over models.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
+
+from kcap.models.config import ModelConfig
+from kcap.models.transformer import Transformer
+
+_sdpa = F.scaled_dot_product_attention  # what the folded call runs (a name tests can wrap)
+
+
+class _FoldedAttention(torch.autograd.Function):
+    """SDPA whose vmap rule folds the vmapped (model) dim into the batch: one call over
+    (M * B, H, T, Dh). Only ever applied under vmap: the rule calls SDPA on the plain
+    tensors, so autograd records SDPA itself and this Function's backward never runs."""
+
+    @staticmethod
+    def forward(q, k, v, options):
+        return _sdpa(q, k, v, **options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - the vmap rule leaves nothing to differentiate
+        raise RuntimeError("_FoldedAttention is only used under vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, options):
+        n = info.batch_size
+
+        def fold(x, dim):
+            x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+            return x.reshape(n * x.shape[1], *x.shape[2:])
+
+        out = _sdpa(fold(q, in_dims[0]), fold(k, in_dims[1]), fold(v, in_dims[2]), **options)
+        return out.view(n, -1, *out.shape[1:]), 0
+
+
+class _FoldAttention(TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention to _FoldedAttention while the pack runs (a
+    thread-local mode, so solo models elsewhere are untouched)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = len(args) == 3 and not any(map(torch.is_tensor, kwargs.values()))  # q, k, v only
+        if func is F.scaled_dot_product_attention and plain:
+            return _FoldedAttention.apply(*args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _key(name: str) -> str:
+    """A solo parameter name as a ParameterDict key ('.' is not allowed there)."""
+    return name.replace(".", "-")
+
+
+def _config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+class StackedModels(nn.Module):
+    """M Transformers of one ModelConfig, trained as one module.
+
+    Parameters: ``self.stacked[_key(name)]`` holds solo parameter ``name`` of all models as
+    one tensor (M, *solo shape), same dtype and device as the models. A tied LM head stays
+    tied: it is the embedding's stacked tensor (the solo model's named_parameters() order
+    and deduplication, which is also the solo optimizer's order).
+    """
+
+    def __init__(self, models: Sequence[Transformer]):
+        super().__init__()
+        models = list(models) if isinstance(models, (list, tuple)) else models
+        if not isinstance(models, list) or not models:
+            raise TypeError("StackedModels needs a non-empty list of Transformers, got "
+                            f"{type(models).__name__}")
+        for i, m in enumerate(models):
+            if not isinstance(m, Transformer):
+                raise TypeError(f"model {i} is a {type(m).__name__}, not a kcap Transformer")
+        cfg = models[0].cfg
+        for i, m in enumerate(models[1:], 1):
+            diff = _config_differences(cfg, m.cfg)
+            if diff:
+                raise ValueError(f"a pack needs one ModelConfig; model {i} differs from model 0 in "
+                                 + "; ".join(diff))
+        if cfg.n_experts:
+            raise ValueError("MoE models cannot be packed: the C++ router (kcap.models.router) "
+                             "is not batched over models")
+        template = models[0]
+        params = dict(template.named_parameters(remove_duplicate=False))
+        extra = set(template.state_dict()) - set(params)
+        if extra:
+            raise ValueError(f"persistent buffers are not supported in a pack: {sorted(extra)}")
+        places = {(p.device, p.dtype) for m in models for p in m.parameters()}
+        if len(places) != 1:
+            raise ValueError("all models must be on one device with one dtype, got "
+                             f"{sorted(map(str, places))}")
+
+        self.cfg = cfg
+        self.m = len(models)
+        self.names = [n for n, _ in template.named_parameters()]  # deduplicated: the solo order
+        canonical = {id(p): n for n, p in template.named_parameters()}
+        # state_dict key -> stacked parameter name (a tied head maps to the embedding)
+        self.aliases = {n: canonical[id(p)] for n, p in params.items()}
+        self.state_keys = list(template.state_dict())
+        self.stacked = nn.ParameterDict()
+        with torch.no_grad():
+            solo = [dict(m.named_parameters()) for m in models]
+            for n in self.names:
+                self.stacked[_key(n)] = nn.Parameter(torch.stack([s[n].detach() for s in solo]))
+        # rotary tables: non-persistent, determined by the config, so model 0's serve all
+        self.buffer_names = [n for n, _ in template.named_buffers()]
+        for n, b in template.named_buffers():
+            self.register_buffer(_key(n), b.detach().clone(), persistent=False)
+        with torch.device("meta"):  # the code the pack runs; its weights are ours, passed in
+            base = Transformer(dataclasses.replace(cfg, attn_impl="torch", mlp_impl="torch"))
+        object.__setattr__(self, "_base", base)  # not a submodule: .to() must not move meta
+
+    @classmethod
+    def from_models(cls, models: Sequence[Transformer]) -> "StackedModels":
+        """The pack of ``models`` (copies of their weights, in that order)."""
+        return cls(models)
+
+    def named_stacked(self):
+        """(solo parameter name, stacked parameter (M, *solo shape)) in the solo model's order."""
+        return [(n, self.stacked[_key(n)]) for n in self.names]
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """ids (M, B, T) int64 -> (logits (M, B, T, V) in the weights' dtype, losses (M,)
+        float32 or None).
+
+        targets (M, B, T) int64, -100 ignored: losses[i] is model i's mean cross-entropy
+        over its non-ignored targets (0, with zero gradient, when it has none). Backward on
+        ``losses.sum()`` gives every model the gradient it would get alone.
+        """
+        self._check_tokens(ids, "ids")
+        if targets is not None:
+            self._check_tokens(targets, "targets")
+            if targets.shape != ids.shape:
+                raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+        params = {n: self.stacked[_key(n)] for n in self.names}
+        buffers = {n: getattr(self, _key(n)) for n in self.buffer_names}
+
+        def one(p, x):
+            return functional_call(self._base, (p, buffers), (x,))[0]
+
+        with _FoldAttention():
+            logits = vmap(one)(params, ids)
+        if targets is None:
+            return logits, None
+        # per-token losses in one call (ignored tokens give 0), summed per model
+        tokens = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="none")
+        counts = (targets != -100).reshape(self.m, -1).sum(1).clamp(min=1)
+        return logits, tokens.view(self.m, -1).sum(1) / counts
+
+    def _check_tokens(self, x, what: str) -> None:
+        if not torch.is_tensor(x) or x.dtype != torch.int64:
+            raise TypeError(f"{what} must be an int64 tensor, got "
+                            f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+        if x.ndim != 3 or x.shape[0] != self.m:
+            raise ValueError(f"{what} must have shape (M={self.m}, B, T), got {tuple(x.shape)}")
+        if x.shape[2] > self.cfg.context:
+            raise ValueError(f"sequence length {x.shape[2]} exceeds the models' context {self.cfg.context}")
+
+    def unstack(self) -> list[dict]:
+        """Each model's state_dict in the solo Transformer's format: its keys, in its order,
+        shapes and dtype; a tied head is the same tensor as the embedding, as in the solo
+        state_dict. Tensors are copies (on the pack's device)."""
+        states = []
+        with torch.no_grad():
+            for i in range(self.m):
+                own = {n: self.stacked[_key(n)][i].clone() for n in self.names}
+                states.append({k: own[self.aliases[k]] for k in self.state_keys})
+        return states
+
+    def load_states(self, states: Sequence[dict]) -> None:
+        """Load M solo state_dicts (as Transformer.state_dict() gives them) into the pack."""
+        if not isinstance(states, (list, tuple)) or len(states) != self.m:
+            raise ValueError(f"load_states needs a list of {self.m} state_dicts, got "
+                             f"{len(states) if isinstance(states, (list, tuple)) else type(states).__name__}")
+        for i, sd in enumerate(states):
+            missing, unexpected = set(self.state_keys) - set(sd), set(sd) - set(self.state_keys)
+            if missing or unexpected:
+                raise ValueError(f"state {i}: missing keys {sorted(missing)}, "
+                                 f"unexpected keys {sorted(unexpected)}")
+            for k in self.state_keys:
+                want = self.stacked[_key(self.aliases[k])].shape[1:]
+                if tuple(sd[k].shape) != tuple(want):
+                    raise ValueError(f"state {i}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(want)}")
+                if self.aliases[k] != k and not torch.equal(sd[k], sd[self.aliases[k]]):
+                    raise ValueError(f"state {i}: {k} must equal {self.aliases[k]} (tied weights)")
+        with torch.no_grad():
+            for i, sd in enumerate(states):
+                for n in self.names:
+                    self.stacked[_key(n)][i].copy_(sd[n])
