@@ -329,6 +329,10 @@ def main(argv=None) -> int:
     except OSError as err:  # unwritable or full disk, /proc, a folder where a file goes...
         print(_os_error_line(err, args), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # what was written stays: runs resume from their checkpoints, sweeps continue
+        print("\nkcap: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
     except MemoryError:
         print("kcap: error: out of memory; lower the data, window or model sizes", file=sys.stderr)
         return 2

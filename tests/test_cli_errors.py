@@ -184,3 +184,14 @@ def test_checkpoint_write_error_from_safetensors_is_one_line(monkeypatch, capsys
     assert main(["train", "any.toml", "--out", "runs/x"]) == 2
     line = _one_error_line(capsys)
     assert "No space left on device" in line and "runs/x/checkpoints" in line
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import kcap.experiments.catalog
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kcap.experiments.catalog, "list_text", interrupted)
+    assert main(["experiment", "list"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
