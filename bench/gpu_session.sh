@@ -2,6 +2,7 @@
 # What a session with a lent GPU runs, through the device tool, from the repo root:
 #   bash bench/gpu_session.sh tests [PYTEST ARGS]   # GPU kernel + model tests (bf16, CUDA router)
 #   bash bench/gpu_session.sh bench attention mlp   # some benchmarks (or: all)
+#   bash bench/gpu_session.sh experiment r1 500     # r1 --preset gpu for 500 s (resumable)
 # Installs kcap offline (the GPU image has torch, triton, pybind11, safetensors, ...). Logs go
 # to $LOGS (default $OUT); bench/results/*-gpu-* files are copied there too. Each device call
 # is limited to 10 minutes: split the benchmarks over calls, and bound each stage with
@@ -37,7 +38,21 @@ elif [ "$stage" = bench ]; then
     python3 -m bench "$subject" 2>&1 | tee "$LOGS/bench-$subject.log"
   done
   cp bench/results/*-gpu-* "$LOGS/" 2>/dev/null || true
+elif [ "$stage" = experiment ]; then
+  # An experiment's gpu preset, as much as fits in the time given; the sweep lives on the
+  # machine (checkpoints are too big to bring back) and continues on the next call while the
+  # machine stays warm. Four solo runs share the GPU (each alone is bound by per-step
+  # overhead). What comes back: the table, figures, results.md and every run's log and report.
+  key=${1:-r1}; seconds=${2:-500}
+  sweep=/tmp/kcap-sweeps/$key-gpu
+  timeout "$seconds" kcap experiment run "$key" --preset gpu --out "$sweep" --gpus 0 --per-gpu 4 \
+    --no-progress > "$LOGS/experiment-$key.log" 2>&1
+  kcap experiment status "$sweep" | tee "$LOGS/experiment-$key-status.txt"
+  kcap experiment report "$sweep" >> "$LOGS/experiment-$key.log" 2>&1
+  mkdir -p "$LOGS/$key-gpu"
+  (cd "$sweep" && cp -r --parents results.jsonl results.md figures runs/*/log.jsonl \
+    runs/*/config.json runs/*/report.json "$LOGS/$key-gpu/" 2>/dev/null) || true
 else
-  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...]" >&2
+  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...] | experiment KEY [SECONDS]" >&2
   exit 2
 fi
