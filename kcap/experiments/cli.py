@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     run.add_argument("--gpus-per-task", type=int, default=None, help="slurm: GPUs per task")
     run.add_argument("--parallel", type=int, default=None, help="slurm: array tasks at once")
     run.add_argument("--cluster", default=None, help=argparse_hidden())
+    run.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
+                     help="train compatible runs as packs of models in one process: auto (on a "
+                          "GPU, the default), on (also on a CPU, where it is slower), off")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     st = cmds.add_parser("status", help="runs done / running / failed and an ETA")
     st.add_argument("out", help="sweep folder")
@@ -76,7 +79,7 @@ def cmd(args) -> None:
         executor = _executor(args)
         try:
             rows = run_sweep(args.key, args.preset, args.out, executor,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, pack=args.pack)
         finally:
             executor.close()
         done = sum(r["status"] == "done" for r in rows)

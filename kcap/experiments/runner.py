@@ -16,6 +16,7 @@ from pathlib import Path
 from kcap.atomic import write_json
 from kcap.console import note, warn
 from kcap.experiments.grids import run_facts
+from kcap.experiments.packing import PackJob, members, plan_units
 from kcap.experiments.results import row, write_results
 from kcap.experiments.sweep import open_sweep
 from kcap.run_lock import run_lock
@@ -23,8 +24,12 @@ from kcap.run_plan import duration, human
 
 
 def run_sweep(key: str, preset: str, out, executor=None, retries: int = 1,
-              progress: bool = True) -> list[dict]:
-    """Run experiment ``key`` at ``preset`` in folder ``out``; return the results rows."""
+              progress: bool = True, pack: str = "auto") -> list[dict]:
+    """Run experiment ``key`` at ``preset`` in folder ``out``; return the results rows.
+
+    ``pack``: "auto" trains compatible runs as packs (kcap/experiments/packing.py) when the
+    executor's slots are GPUs, "on" always (also on a CPU, where it is slower), "off" never.
+    """
     from kcap.experiments.executors import LocalExecutor
 
     if not isinstance(retries, int) or retries < 0:
@@ -38,8 +43,14 @@ def run_sweep(key: str, preset: str, out, executor=None, retries: int = 1,
                  f"running {len(todo)} in {out}")
             own = executor is None
             executor = executor or LocalExecutor()
+            on_gpu, memory = _gpu_slots(executor)
+            units = plan_units(todo, pack, on_gpu, memory)
+            packs = [u for u in units if isinstance(u, PackJob)]
+            if packs:
+                note(f"{sum(len(u.jobs) for u in packs)} runs train as {len(packs)} pack(s) of up "
+                     f"to {max(len(u.jobs) for u in packs)} models (--pack off: one by one)")
             try:
-                _drive(executor, jobs, todo, retries, progress)
+                _drive(executor, len(jobs), units, retries, progress)
             finally:
                 if own:
                     executor.close()
@@ -54,35 +65,65 @@ def run_sweep(key: str, preset: str, out, executor=None, retries: int = 1,
     return rows
 
 
-def _drive(executor, jobs, todo, retries: int, progress: bool) -> None:
+def _gpu_slots(executor) -> tuple[bool, int | None]:
+    """Whether the executor runs on GPUs, and the memory one of its slots may use."""
+    slots = getattr(executor, "slots", None)
+    if slots is None:  # Slurm: GPUs when the tasks ask for them
+        return bool(getattr(executor, "gpus_per_node", None)), None
+    gpus = [s for s in slots if s != "cpu"]
+    if not gpus:
+        return False, None
+    import torch
+
+    if not torch.cuda.is_available():
+        return True, None
+    total = torch.cuda.get_device_properties(0).total_memory
+    return True, total // max(slots.count(g) for g in gpus)
+
+
+def _drive(executor, total: int, units, retries: int, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    attempts = {j.name: 1 for j in todo}
-    tokens = {j.name: run_facts(j.run)["tokens"] for j in todo}
-    for j in todo:
-        (j.folder).mkdir(parents=True, exist_ok=True)
-    executor.start(todo)
-    left = {j.name for j in todo}
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="run", disable=not progress,
+    attempts = {u.name: 1 for u in units}
+    tokens = {j.name: run_facts(j.run)["tokens"] for u in units for j in members(u)}
+    for u in units:
+        u.folder.mkdir(parents=True, exist_ok=True)
+    executor.start(units)
+    left = {u.name: u for u in units}
+    todo = sum(len(members(u)) for u in units)
+    bar = tqdm(total=total, initial=total - todo, unit="run", disable=not progress,
                dynamic_ncols=True, desc="sweep")
     try:
         while left:
             for o in executor.wait(2.0):
-                name = o.job.name
+                unit, name = o.job, o.job.name
                 if o.ok:
-                    left.discard(name)
-                    bar.update(1)
+                    del left[name]
+                    bar.update(len(members(unit)))
                 elif attempts[name] <= retries:
                     attempts[name] += 1
-                    note(f"run {name} failed ({o.error}); retrying it")
-                    executor.start([o.job])
+                    note(f"{name} failed ({o.error}); retrying it")
+                    executor.start([unit])
+                elif isinstance(unit, PackJob):
+                    # one bad run must not sink its pack-mates: they go on alone
+                    del left[name]
+                    solo = [j for j in unit.jobs if j.result() is None]
+                    bar.update(len(unit.jobs) - len(solo))
+                    warn(f"{name} failed {attempts[name]} times ({o.error}); its {len(solo)} "
+                         "unfinished runs continue one by one")
+                    for j in solo:
+                        attempts[j.name] = 1
+                        j.folder.mkdir(parents=True, exist_ok=True)
+                        left[j.name] = j
+                    executor.start(solo)
                 else:
-                    left.discard(name)
+                    del left[name]
                     bar.update(1)
-                    write_json(o.job.folder / "failed.json",
+                    write_json(unit.folder / "failed.json",
                                {"error": o.error, "attempts": attempts[name]})
                     warn(f"run {name} failed {attempts[name]} times: {o.error}; the sweep goes on")
-            bar.set_postfix_str(_pace([j for j in todo if j.name in left], tokens), refresh=True)
+            in_flight = [j for u in left.values() for j in members(u)]
+            bar.set_postfix_str(_pace(in_flight, tokens), refresh=True)
     except BaseException:
         bar.close()
         raise

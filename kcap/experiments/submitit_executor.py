@@ -80,6 +80,7 @@ class SubmititExecutor:
         except AssertionError as exc:  # submitit checks the shared options' types with assert
             raise TypeError(str(exc).strip()) from None
         self._threads = options.get("cpus_per_task")
+        self.gpus_per_node = options.get("gpus_per_node")  # the runner packs runs on GPUs
         # wait() polls done(), a stat of each result file (sacct at most every few minutes)
         self._poll_s = 0.1 if self.cluster in ("local", "debug") else 2.0
         self._pending: dict[str, tuple] = {}  # name -> (job, submitit job), not yet reported
