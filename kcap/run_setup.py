@@ -137,6 +137,44 @@ def stream_exposures(stream) -> float:
     return getattr(stream, "useful", stream).exposures_done
 
 
+class FiniteWatch:
+    """Records, on the device, the first step whose loss is not finite, so that a step never
+    waits for the GPU to say so (reading a loss is a host synchronisation); the trainers
+    read it where they synchronise anyway (logging) and before anything is written
+    (evaluations, checkpoints), so no checkpoint ever holds weights past a bad loss."""
+
+    def __init__(self, device, models: int | None = None):
+        import torch
+
+        shape = () if models is None else (models,)
+        self.step = torch.full(shape, -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def update(self, loss, step, active=None) -> None:
+        """``loss``: a scalar (or (M,) per model); ``step``: the step index (or (M,) tensor);
+        ``active``: (M,) bool, models whose loss counts."""
+        import torch
+
+        loss = loss.detach().float()
+        new = (self.step < 0) & ~torch.isfinite(loss)
+        if active is not None:
+            new &= active
+        self.step = torch.where(new, step, self.step)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, error) -> None:
+        """Raise ``error(step, value)`` (index i too, per model: ``error(i, step, value)``)
+        for the first non-finite loss seen."""
+        steps = self.step.tolist()
+        if isinstance(steps, int):
+            if steps >= 0:
+                raise error(steps, self.value.item())
+            return
+        for i, at in enumerate(steps):
+            if at >= 0:
+                raise error(i, at, self.value[i].item())
+
+
 @dataclass
 class Run:
     """One run being trained: its config and plan, data, solo model and optimizer (what

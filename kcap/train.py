@@ -23,9 +23,9 @@ from kcap.run_lock import run_lock
 from kcap.run_log import read_log  # noqa: F401  (re-exported: the log's reader)
 from kcap.run_config import PRECISIONS, DataConfig, TrainConfig  # noqa: F401  (re-exported)
 # the shared setup and bookkeeping (kcap.run_setup), re-exported under their old names
-from kcap.run_setup import (NEGATIVE_BITS, TrainingDiverged, _fingerprint, _optimizer,  # noqa: F401
-                            _resume_point, _resume_threads, build_data, open_run, resolve,
-                            stream_exposures)
+from kcap.run_setup import (NEGATIVE_BITS, FiniteWatch, TrainingDiverged, _fingerprint,  # noqa: F401
+                            _optimizer, _resume_point, _resume_threads, build_data, open_run,
+                            resolve, stream_exposures)
 
 
 @contextmanager
@@ -71,6 +71,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
                dynamic_ncols=True)
     pace = run_plan.Pace(step, steps)
     clock, last_step = time.perf_counter(), step
+    watch = FiniteWatch(run.device)
+
+    def diverged(at, value):
+        return TrainingDiverged(
+            f"loss is {value} at step {at}; stopped. The last good checkpoint is "
+            f"{checkpoint.latest(run_dir)}; try a lower lr, or bf16/fp32 instead of fp16")
     model.train()
     while step < steps:
         lr = learning_rate(step, steps, run.plan["lr"], run.plan["warmup"], cfg.min_lr_ratio)
@@ -87,10 +93,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
         y[y == PAD_ID] = -100
         with run.autocast():
             _, loss = forward(x, y)
-        if not torch.isfinite(loss).item():
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint is "
-                f"{checkpoint.latest(run_dir)}; try a lower lr, or bf16/fp32 instead of fp16")
+        watch.update(loss, step)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(opt)
         if cfg.grad_clip:
@@ -103,19 +106,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
         measured = pace.after_step(step) if dist.is_main else None
         if measured:
             (warn if measured[1] else note)(measured[0])
-        if dist.is_main and (step % max(1, cfg.log_every) == 0 or step == steps):
+        logging = step % max(1, cfg.log_every) == 0 or step == steps
+        evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < steps
+        saving = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps
+        if logging or evaluating or saving:  # every rank, so that all stop together
+            watch.check(diverged)
+        if dist.is_main and logging:
             elapsed = time.perf_counter() - clock
             rate = (step - last_step) * run.tokens_per_step / max(elapsed, 1e-9)
             clock, last_step = time.perf_counter(), step
             run.log_step(loss.item(), lr, rate)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+        if evaluating:
             if dist.is_main:
                 bar.write(run.log_eval(run.evaluate()))
             dist.barrier()
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps:
+        if saving:
             run.save(step)
     if run.saved_step != step:  # the data ended early: the final weights still get saved
+        watch.check(diverged)
         run.save(step)
     bar.close()
     report = run.finish()

@@ -38,7 +38,7 @@ from kcap.budget import learning_rate
 from kcap.console import note
 from kcap.run_config import TrainConfig
 from kcap.run_lock import run_lock
-from kcap.run_setup import Run, TrainingDiverged, open_run
+from kcap.run_setup import FiniteWatch, Run, TrainingDiverged, open_run
 
 # fields every run of a pack must share (one architecture, one window, one device/precision)
 SHARED_FIELDS = ("model", "model_options", "window", "precision", "device", "compile")
@@ -123,20 +123,23 @@ def _train_pack(cfgs, run_dirs, resume: bool, progress: bool) -> list[dict]:
     bar = tqdm(total=max(r.steps - r.step for r in runs), unit="step", disable=not progress,
                dynamic_ncols=True)
     clocks = [(time.perf_counter(), r.step) for r in runs]
+    watch = FiniteWatch(runs[0].device, len(runs))
     pack.train()
     while any(active):
         lrs, ids, targets, ended = _batch(runs, active, width, opt)
         for i in ended:  # the data ran out: the solo trainer stops here too
             active[i] = False
         if any(active):
-            losses = _step(runs, active, pack, opt, lrs, ids, targets)
+            losses = _step(runs, active, pack, opt, lrs, ids, targets, watch)
             bar.update(1)
             for i, r in enumerate(runs):
                 if active[i]:
-                    clocks[i] = _after_step(runs, i, pack, opt, losses[i], lrs[i], clocks[i], bar)
+                    clocks[i] = _after_step(runs, i, pack, opt, losses, lrs[i], clocks[i], bar,
+                                            watch)
         for i, r in enumerate(runs):
             if reports[i] is None and (i in ended or (active[i] and r.step >= r.steps)):
                 active[i] = False
+                _check(runs, watch)
                 reports[i] = _finish(runs, i, pack, opt)
     bar.close()
     return reports
@@ -171,36 +174,51 @@ def _batch(runs: list[Run], active: list[bool], width: int, opt):
     return lrs, ids.to(device), targets.to(device), ended
 
 
-def _step(runs: list[Run], active: list[bool], pack, opt, lrs, ids, targets) -> list[float]:
-    """One training step of the active runs; returns every model's loss (M floats; 0 for
-    inactive ones). Raises TrainingDiverged naming the run whose loss is not finite."""
-    import math
+def _step(runs: list[Run], active: list[bool], pack, opt, lrs, ids, targets, watch):
+    """One training step of the active runs; returns every model's loss ((M,) tensor on the
+    device, 0 for inactive ones). Nothing here waits for the device: non-finite losses are
+    recorded by ``watch`` and read at the next log, evaluation or checkpoint (``_check``)."""
+    import torch
 
     with runs[0].autocast():
         _, losses = pack(ids, targets)
-    values = losses.tolist()
-    for i, r in enumerate(runs):
-        if active[i] and not math.isfinite(values[i]):
-            raise TrainingDiverged(
-                f"{r.run_dir}: loss is {values[i]} at step {r.step} (in a pack); stopped. The last "
-                f"good checkpoint is {checkpoint.latest(r.run_dir)}; try a lower lr")
+    device = losses.device
+    watch.update(losses, torch.tensor([r.step for r in runs]).to(device, non_blocking=True),
+                 torch.tensor(active).to(device, non_blocking=True))
     losses.sum().backward()
     opt.step(lrs, list(active))
     opt.zero_grad()
-    return values
+    return losses.detach()
 
 
-def _after_step(runs: list[Run], i: int, pack, opt, loss: float, lr: float, clock, bar):
+def _check(runs: list[Run], watch) -> None:
+    """Raise TrainingDiverged naming the first run whose loss was not finite."""
+    def error(i, at, value):
+        r = runs[i]
+        return TrainingDiverged(
+            f"{r.run_dir}: loss is {value} at step {at} (in a pack); stopped. The last good "
+            f"checkpoint is {checkpoint.latest(r.run_dir)}; try a lower lr")
+    watch.check(error)
+
+
+def _after_step(runs: list[Run], i: int, pack, opt, losses, lr: float, clock, bar, watch):
     """Run i's bookkeeping after its step (the solo trainer's order: log record, evaluation,
-    checkpoint); returns its new (clock, step at clock) for the tokens/s of its next record."""
+    checkpoint); returns its new (clock, step at clock) for the tokens/s of its next record.
+    ``losses``: the step's (M,) losses, read (a device synchronisation) only to log."""
     r = runs[i]
     r.step += 1
     cfg, step = r.cfg, r.step
-    if step % max(1, cfg.log_every) == 0 or step == r.steps:
+    logging = step % max(1, cfg.log_every) == 0 or step == r.steps
+    evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < r.steps
+    if logging or evaluating or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
+            or step == r.steps:
+        _check(runs, watch)
+    if logging:
         now = time.perf_counter()
-        r.log_step(loss, lr, (step - clock[1]) * r.tokens_per_step / max(now - clock[0], 1e-9))
+        r.log_step(losses[i].item(), lr,
+                   (step - clock[1]) * r.tokens_per_step / max(now - clock[0], 1e-9))
         clock = (now, step)
-    if cfg.eval_every and step % cfg.eval_every == 0 and step < r.steps:
+    if evaluating:
         _sync(runs, i, pack, opt)
         bar.write(f"{r.run_dir.name} " + r.log_eval(r.evaluate()))
     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == r.steps:

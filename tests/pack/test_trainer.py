@@ -203,3 +203,21 @@ def test_refusals(tmp_path):
     with run_lock(tmp_path / "b", "test"):  # every folder's lock is taken
         with pytest.raises(RunFolderBusy):
             train_pack([BASE, BASE], dirs, progress=False)
+
+
+def test_a_nan_loss_in_one_run_stops_the_pack_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    """The loss is not read every step (no host sync): a non-finite loss is recorded on the
+    device and raised at the next log, evaluation or checkpoint, naming the run and the
+    step, before that run's next checkpoint is written."""
+    real = pt.learning_rate
+    bad_lr = CFGS[1].lr
+
+    def lr(step, steps, peak, *args):
+        # a finite lr (StackedAdamW refuses others) that blows the weights up at step 7
+        return 1e30 if peak == bad_lr and step == 7 else real(step, steps, peak, *args)
+    monkeypatch.setattr(pt, "learning_rate", lr)
+    dirs = [tmp_path / f"run{i}" for i in range(len(CFGS))]
+    with pytest.raises(kt.TrainingDiverged, match=r"run1: loss is (nan|inf) at step 8 \(in a pack\)"):
+        train_pack(CFGS, dirs, progress=False)
+    assert checkpoint.latest(dirs[1]).name == "step-00000008"  # saved at 8, before step 8 ran
+    assert torch.isfinite(torch.stack([t.float().sum() for t in final_weights(dirs[1]).values()])).all()
