@@ -1,11 +1,12 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe")
+SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
 parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+parser.add_argument("--full", action="store_true", help="pack: M = 64 too on the CPU")
 parser.add_argument("--run", help="quantization: an existing run folder instead of training one")
 args = parser.parse_args()
 if args.subject == "data":
@@ -29,3 +30,6 @@ elif args.subject == "moe":
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)
+elif args.subject == "pack":
+    from bench import pack
+    pack.run(quick=args.quick, full=args.full)
