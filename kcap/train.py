@@ -19,6 +19,7 @@ from pathlib import Path
 from kcap import checkpoint, run_plan
 from kcap.budget import learning_rate
 from kcap.console import note, warn
+from kcap.prefetch import PrefetchedStream, tokens_on, use_prefetch
 from kcap.run_lock import run_lock
 from kcap.run_log import read_log  # noqa: F401  (re-exported: the log's reader)
 from kcap.run_config import PRECISIONS, DataConfig, TrainConfig  # noqa: F401  (re-exported)
@@ -57,13 +58,24 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False, progress: bool = True
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) -> dict:
-    import numpy as np
+    run = open_run(cfg, run_dir, resume, dist)
+    if use_prefetch(run.device):  # checkpoints then record the batches consumed, not rendered
+        run.stream = PrefetchedStream(run.stream, run.plan["batch_per_rank"],
+                                      pin=run.device.type == "cuda")
+    try:
+        return _loop(run, progress, dist)
+    finally:
+        if isinstance(run.stream, PrefetchedStream):
+            run.stream.close()
+
+
+def _loop(run, progress: bool, dist) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from kcap.data.tokenizer import PAD_ID
 
-    run = open_run(cfg, run_dir, resume, dist)
+    cfg, run_dir = run.cfg, run.run_dir
     model, opt, stream, steps, step = run.model, run.opt, run.stream, run.steps, run.step
     net = dist.wrap(model)
     forward = torch.compile(net) if cfg.compile else net
@@ -88,7 +100,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, dist) 
         # ragged end of data-parallel shards).
         if dist.all_min(len(windows)) == 0:
             break
-        tokens = torch.from_numpy(windows.tokens.astype(np.int64)).to(run.device)
+        tokens = tokens_on(stream, windows, run.device)
         x, y = tokens[:, :-1], tokens[:, 1:].clone()
         y[y == PAD_ID] = -100
         with run.autocast():

@@ -38,6 +38,7 @@ from kcap.budget import learning_rate
 from kcap.console import note
 from kcap.run_config import TrainConfig
 from kcap.run_lock import run_lock
+from kcap.prefetch import PrefetchedStream, tokens_on, use_prefetch
 from kcap.run_setup import FiniteWatch, Run, TrainingDiverged, open_run
 
 # fields every run of a pack must share (one architecture, one window, one device/precision)
@@ -99,13 +100,27 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list, resume: bool = True,
 
 
 def _train_pack(cfgs, run_dirs, resume: bool, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
     from kcap.distributed import Dist
-    from kcap.pack import StackedAdamW, StackedModels
 
     dist = Dist()  # a pack is one process
     runs = [open_run(cfg, d, resume, dist) for cfg, d in zip(cfgs, run_dirs)]
+    if use_prefetch(runs[0].device):  # each run's next batch rendered during the step
+        for r in runs:
+            r.stream = PrefetchedStream(r.stream, r.plan["batch_per_rank"],
+                                        pin=r.device.type == "cuda")
+    try:
+        return _loop(runs, run_dirs, progress)
+    finally:
+        for r in runs:
+            if isinstance(r.stream, PrefetchedStream):
+                r.stream.close()
+
+
+def _loop(runs: list[Run], run_dirs, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from kcap.pack import StackedAdamW, StackedModels
+
     pack = StackedModels([r.model for r in runs])
     opt = StackedAdamW(pack, lr=[r.plan["lr"] for r in runs],
                        weight_decay=[r.plan["weight_decay"] for r in runs],
@@ -148,14 +163,14 @@ def _train_pack(cfgs, run_dirs, resume: bool, progress: bool) -> list[dict]:
 def _batch(runs: list[Run], active: list[bool], width: int, opt):
     """This step's lrs (M floats), ids and targets ((M, width, window) int64 on the pack's
     device; padding rows: ids 0, targets -100) and the runs whose data has ended."""
-    import numpy as np
     import torch
 
     from kcap.data.tokenizer import PAD_ID
 
     window = runs[0].cfg.window
-    ids = torch.zeros(len(runs), width, window, dtype=torch.int64)
-    targets = torch.full((len(runs), width, window), -100, dtype=torch.int64)
+    pin = runs[0].device.type == "cuda"  # a fresh pinned buffer: copies below do not block
+    ids = torch.zeros(len(runs), width, window, dtype=torch.int64, pin_memory=pin)
+    targets = torch.full((len(runs), width, window), -100, dtype=torch.int64, pin_memory=pin)
     lrs, ended = list(opt.lr), []
     for i, r in enumerate(runs):
         if not active[i]:
@@ -166,12 +181,12 @@ def _batch(runs: list[Run], active: list[bool], width: int, opt):
             opt.lr[i] = lrs[i]  # the solo trainer has set this step's lr before it stops
             ended.append(i)
             continue
-        tokens = torch.from_numpy(windows.tokens.astype(np.int64))
+        tokens = tokens_on(r.stream, windows, torch.device("cpu"))
         y = tokens[:, 1:].clone()
         y[y == PAD_ID] = -100
         ids[i, :len(windows)], targets[i, :len(windows)] = tokens[:, :-1], y
     device = runs[0].device
-    return lrs, ids.to(device), targets.to(device), ended
+    return lrs, ids.to(device, non_blocking=True), targets.to(device, non_blocking=True), ended
 
 
 def _step(runs: list[Run], active: list[bool], pack, opt, lrs, ids, targets, watch):
