@@ -16,7 +16,7 @@ PAPER_LAW = 2.0  # bits per parameter (spec section 1)
 
 def human(n: float) -> str:
     """1234567 -> '1.2M' (for token counts)."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
     return f"{n:.0f}"
