@@ -14,6 +14,7 @@ from kcap.data.stream import ExposureStream
 from kcap.pack.trainer import train_pack
 from kcap.prefetch import PrefetchedStream, tokens_on
 from kcap.train import DataConfig, TrainConfig, read_log, train
+from stop_training import Stop, stop_at
 
 TINY = TrainConfig(model="gpt2-1-1", data=DataConfig(n=40, variant="online"), exposures=3,
                    window=128, batch_size=3, lr=3e-3, eval_sample=10, log_every=2,
@@ -78,16 +79,8 @@ def test_training_is_the_same_with_batches_rendered_ahead(tmp_path, monkeypatch)
     # resumed with prefetching: the same end again
     import kcap.train as kt
 
-    class Stop(Exception):
-        pass
-    real = kt.learning_rate
-
-    def stop_at_7(step, *args):
-        if step == 7:
-            raise Stop
-        return real(step, *args)
     half = tmp_path / "half"
-    monkeypatch.setattr(kt, "learning_rate", stop_at_7)
+    real = stop_at(monkeypatch, kt, 7)
     with pytest.raises(Stop):
         train(TINY, half, progress=False)
     monkeypatch.setattr(kt, "learning_rate", real)

@@ -107,15 +107,6 @@ def run_pack(specs=SPECS, opt_cls=StackedAdamW, lrs_of=lambda lrs: lrs, decay_al
     return snaps, pack, opt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def solo():
     return [run_solo(s, i) for i, s in enumerate(SPECS)]

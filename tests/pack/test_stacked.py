@@ -25,15 +25,6 @@ U = 2.0 ** -24  # fp32 unit roundoff
 CASES = [("gpt2-1-2", {}), ("llama-1-2", {}), ("llama-1-2", {"tied": True}), ("mistral-1-4", {})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def solo_models(name, seeds=(0, 1, 2), **overrides):
     models = []
     for s in seeds:

@@ -30,6 +30,7 @@ from kcap import checkpoint
 from kcap.pack.trainer import train_pack
 from kcap.run_lock import RunFolderBusy, run_lock
 from kcap.train import DataConfig, TrainConfig, read_log, train
+from stop_training import Stop, stop_at
 
 DRIFT = 5e-4  # tests/pack/test_optimizer.py
 BASE = TrainConfig(model="gpt2-1-1", data=DataConfig(n=60, variant="simple"), exposures=4,
@@ -42,19 +43,6 @@ CFGS = [BASE,  # 29 steps
                 steps=20, weight_decay=0.1, grad_clip=0.5)]  # stops at 20 of its 51 steps
 LR_MAX = max(c.lr for c in CFGS)
 STOP_AT = 17  # the interrupted pack stops here: runs resume from steps 15, 16 and 15
-
-
-class Stop(Exception):
-    """Raised inside the loop to stop a pack the way a kill would."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +73,6 @@ def weight_divergence(a, b) -> float:
 
 def records(run, kind: str) -> list[dict]:
     return [r for r in read_log(run) if kind in r]
-
-
-def stop_at(monkeypatch, module, step: int) -> None:
-    """Make ``module.learning_rate`` raise Stop once any run asks for step ``step``."""
-    real = module.learning_rate
-
-    def lr(s, *args):
-        if s >= step:
-            raise Stop
-        return real(s, *args)
-
-    monkeypatch.setattr(module, "learning_rate", lr)
 
 
 def test_pack_equals_solo_runs(packed, solo):

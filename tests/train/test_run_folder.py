@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 from kcap import checkpoint, run_log
 from kcap.run_lock import LOCK_NAME, RunFolderBusy, run_lock
 from kcap.train import DataConfig, TrainConfig, read_log, train
+from stop_training import Stop, stop_at
 
 TINY = TrainConfig(model="gpt2-1-1", data=DataConfig(n=60, variant="simple"), exposures=4,
                    window=128, batch_size=4, lr=3e-3, eval_sample=None, log_every=1,
@@ -23,22 +23,11 @@ TINY = TrainConfig(model="gpt2-1-1", data=DataConfig(n=60, variant="simple"), ex
 CFG = replace(TINY, steps=12)
 
 
-class Stop(Exception):
-    """Raised inside the loop to stop a run the way a kill would, after a given step."""
-
-
 def run_until(monkeypatch, run, after: int, cfg=CFG, **kwargs):
     """Start ``cfg`` in ``run`` and stop it once step ``after`` is done."""
     import kcap.train as kt
 
-    real = kt.learning_rate
-
-    def lr(step, *args):
-        if step >= after:
-            raise Stop
-        return real(step, *args)
-
-    monkeypatch.setattr(kt, "learning_rate", lr)
+    real = stop_at(monkeypatch, kt, after)
     with pytest.raises(Stop):
         train(cfg, run, progress=False, **kwargs)
     monkeypatch.setattr(kt, "learning_rate", real)
