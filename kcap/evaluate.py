@@ -139,12 +139,13 @@ class _ClassChoice:
         logp: (n, V) log-probabilities; targets: (n,) token ids."""
         import torch
 
-        observed = targets[torch.from_numpy(at).to(targets.device)].cpu().tolist()
+        where = torch.from_numpy(at).to(logp.device)
+        observed = targets[where].cpu().tolist()
         unknown = sorted({t for t in observed if t not in self.class_of})
         if unknown:
             raise ValueError(f"token ids {unknown} are labelled as a class-scored value but "
                              "belong to none of its classes")
-        rows = logp[torch.from_numpy(at).to(logp.device)]
+        rows = logp[where]
         per_class = torch.stack([torch.logsumexp(rows[:, ids.to(rows.device)], dim=-1)
                                  for ids in self.ids], dim=-1)
         mine = torch.tensor([self.class_of[t] for t in observed], device=rows.device)

@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from kcap.run_setup import stream_exposures
+
 PREFETCH_ON_CPU = False
 _DONE = object()
 
@@ -36,7 +38,7 @@ class PrefetchedStream:
             raise ValueError(f"count must be an int >= 1, got {count!r}")
         self.stream, self.count, self.pin = stream, count, pin
         self._state = stream.state_dict()
-        self._exposures = _exposures(stream)
+        self._exposures = stream_exposures(stream)
         self.last_tensor = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -52,7 +54,7 @@ class PrefetchedStream:
                 tensor = torch.from_numpy(np.asarray(windows.tokens, dtype=np.int64))
                 if self.pin:
                     tensor = tensor.pin_memory()
-                item = (windows, tensor, self.stream.state_dict(), _exposures(self.stream))
+                item = (windows, tensor, self.stream.state_dict(), stream_exposures(self.stream))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -89,10 +91,6 @@ class PrefetchedStream:
             except queue.Empty:
                 break
         self._thread.join(timeout=10)
-
-
-def _exposures(stream) -> float:
-    return getattr(stream, "useful", stream).exposures_done
 
 
 def tokens_on(stream, windows, device):

@@ -40,12 +40,13 @@ def list_text(presets=("smoke", "gpu", "paper")) -> str:
 
 def status_text(out) -> str:
     key, preset, jobs = load_sweep(out)
-    by_state, lines, remaining, rate = {}, [], 0.0, 0.0
+    by_state, lines, remaining, rate, left = {}, [], 0.0, 0.0, []
     for j in jobs:
         state = run_state(j)
         by_state.setdefault(state, []).append(j.name)
         if state == "done":
             continue
+        left.append(j)
         total = run_facts(j.run)["tokens"]
         last = last_record(j.run_dir)
         done = last.get("tokens", 0) if last else 0
@@ -68,8 +69,7 @@ def status_text(out) -> str:
         head.append(f"  in flight: {human(rate)} tokens/s; ETA {duration(remaining / rate)} "
                     f"for ~{human(remaining)} tokens left")
     elif remaining:
-        seconds = sum(estimate_seconds(j.run, DEVICE[preset]) for j in jobs
-                      if run_state(j) != "done")
+        seconds = sum(estimate_seconds(j.run, DEVICE[preset]) for j in left)
         head.append(f"  nothing running; ~{human(remaining)} tokens left, ~{duration(seconds)} "
                     f"({DEVICE[preset]} estimate); continue with `kcap experiment run {key} "
                     f"--preset {preset} --out {out}`")

@@ -1,6 +1,8 @@
 """`kcap experiment list | run | status | report`: the command line of the experiments."""
 from __future__ import annotations
 
+import argparse
+
 from kcap.experiments.spec import PRESETS
 
 
@@ -24,7 +26,8 @@ def add_parser(sub) -> None:
     run.add_argument("--time", type=int, default=None, help="slurm: minutes per task")
     run.add_argument("--gpus-per-task", type=int, default=None, help="slurm: GPUs per task")
     run.add_argument("--parallel", type=int, default=None, help="slurm: array tasks at once")
-    run.add_argument("--cluster", default=None, help=argparse_hidden())
+    # submitit's "local" or "debug" cluster, for the tests
+    run.add_argument("--cluster", default=None, help=argparse.SUPPRESS)
     run.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
                      help="train compatible runs as packs of models in one process: auto (on a "
                           "GPU, the default), on (also on a CPU, where it is slower), off")
@@ -33,11 +36,6 @@ def add_parser(sub) -> None:
     st.add_argument("out", help="sweep folder")
     rep = cmds.add_parser("report", help="figures and results.md from the results table")
     rep.add_argument("out", help="sweep folder")
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS  # submitit's "local"/"debug" cluster: for tests
 
 
 def _executor(args):

@@ -10,7 +10,6 @@ Presets:
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import replace
 
 from kcap.experiments.spec import PostStep, Run
@@ -123,7 +122,8 @@ def _param_counts(model: str, options: tuple, used: int, vocab: int) -> tuple[in
 def run_facts(r: Run) -> dict:
     """Counted and total parameters, the bits the data holds, R_max and the training tokens
     of a run, estimated without generating its data (tokens from ~61 per biography)."""
-    from kcap.capacity import bios_bits_max, biod_bits_max
+    from kcap.capacity import biod_bits_max, data_bits_max
+    from kcap.data.bios import BioS, BioSConfig
     from kcap.data.pools import N_FULL_NAMES
     from kcap.data.tokenizer import default_tokenizer
 
@@ -132,10 +132,8 @@ def run_facts(r: Run) -> dict:
     used = _used_tokens(d.kind, d.n, d.variant, d.marker)
     counted, total = _param_counts(cfg.model, tuple(sorted(cfg.model_options.items())),
                                    used or vocab, vocab)
-    if d.kind == "bioS":
-        gender = 0 if "fullname" in d.variant else 1
-        log2_s0 = math.log2(67_200 * 200 * 300 * 100 * 263) + gender
-        bits = bios_bits_max(d.n, N_FULL_NAMES, log2_s0)
+    if d.kind == "bioS":  # a BioS is cheap to build: profiles are drawn only when asked for
+        bits = data_bits_max(BioS(BioSConfig(n=d.n, variant=d.variant, marker=d.marker)))
         per_bio = TOKENS_PER_BIO
     else:
         bits = biod_bits_max(d.n, N_FULL_NAMES, d.k, d.c, d.d, d.l, d.t)

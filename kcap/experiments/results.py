@@ -50,11 +50,12 @@ def _base(job, status: str) -> dict:
             "config": config_record(job.run.config)}
 
 
-def run_state(job) -> str:
-    """done | failed | running | interrupted (checkpoints, no result) | pending."""
+def run_state(job, done: bool | None = None) -> str:
+    """done | failed | running | interrupted (checkpoints, no result) | pending.
+    ``done``: whether ``job.result()`` is there, when the caller has read it already."""
     from kcap import checkpoint
 
-    if job.result() is not None:
+    if job.result() is not None if done is None else done:
         return "done"
     if _writer_alive(job.run_dir):
         return "running"
@@ -84,9 +85,10 @@ def _writer_alive(folder: Path) -> bool:
 
 def row(job) -> dict:
     """The row of ``job`` as its files say now."""
-    state = run_state(job)
-    if state == "done":
-        return job.result()
+    result = job.result()
+    if result is not None:
+        return result
+    state = run_state(job, done=False)
     out = {**_base(job, state), **{k: None for k in NUMBERS}, "post": {}, "error": None,
            "attempts": None}
     if state == "failed":
