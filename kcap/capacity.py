@@ -48,6 +48,7 @@ METRIC_CONVENTION = ("bioS gender scored as the choice between the genders' pron
                      "city's loss counted in the employer's term where it comes first (chain "
                      "rule); see kcap/capacity.py")
 BIOD_CONVENTION = "bioD: Definition 4.1 as written"
+BIOS_KINDS = ("bioS", "bioR")  # bioR: imported rewrites of bioS people, the same knowledge
 
 
 def bios_bits(n: int, n0: int, log2_s0: float, p1: float, p2: float) -> tuple[float, float]:
@@ -73,7 +74,7 @@ def biod_bits_max(n, n0, k, c, d, l, t) -> float:  # noqa: E741
 
 def data_bits_max(dataset) -> float:
     """R_max's numerator: the bits of knowledge the data set contains."""
-    if dataset.kind == "bioS":
+    if dataset.kind in BIOS_KINDS:
         return bios_bits_max(dataset.n_people, dataset.n_names, log2_s0(dataset))
     c = dataset.config
     return biod_bits_max(c.n, dataset.n_names, c.k, c.c, c.d, c.l, c.t)
@@ -163,7 +164,7 @@ def capacity_report(dataset, losses: PersonLosses, n_params: int) -> CapacityRep
     counted = np.array([a.counted for a in dataset.attributes])
     p1 = float(losses.name.mean())
     literal = None
-    if dataset.kind == "bioS":
+    if dataset.kind in BIOS_KINDS:
         per_person, determined_first = _bios_value_term(dataset, losses, counted)
         p2, p3 = float(per_person.mean()), None
         name, value = bios_bits(n, dataset.n_names, log2_s0(dataset), p1, p2)

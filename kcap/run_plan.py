@@ -36,8 +36,12 @@ def duration(seconds: float) -> str:
 def describe(cfg, plan: dict, params: dict, bits_max: float, precision: str, device: str) -> list[str]:
     """The plan of a run as lines of text (see the module docstring)."""
     d = cfg.data
-    data = (f"bioS({d.n:,}, {d.variant})" if d.kind == "bioS" else
-            f"bioD(N={d.n:,}, K={d.k}, C={d.c}, D={d.d}, L={d.l}, T={d.t})")
+    if d.kind == "bioS":
+        data = f"bioS({d.n:,}, {d.variant})"
+    elif d.kind == "bioR":
+        data = f"bioR({d.n:,}, {_rewrites(d.bior)} rewrites per person)"
+    else:
+        data = f"bioD(N={d.n:,}, K={d.k}, C={d.c}, D={d.d}, L={d.l}, T={d.t})"
     if d.junk_n:
         data += f" + junk bioS({d.junk_n:,}) at {d.junk_ratio[0]}:{d.junk_ratio[1]}"
     r_max = bits_max / params["counted"]
@@ -53,6 +57,14 @@ def describe(cfg, plan: dict, params: dict, bits_max: float, precision: str, dev
         f"{human(tokens)} tokens ({human(plan['useful_tokens'])} of biographies), lr "
         f"{plan['lr']:g}, warmup {plan['warmup']:,}; {precision} on {device}",
     ]
+
+
+def _rewrites(folder: str) -> str:
+    """'2' or '2-3': the rewrites per person of a bioR import (from its bior.json)."""
+    from kcap.data.bior import read_meta
+
+    per = read_meta(folder)["rewrites_per_person"]
+    return f"{per['min']}" if per["min"] == per["max"] else f"{per['min']}-{per['max']}"
 
 
 class Pace:
