@@ -43,7 +43,7 @@ def load_run(path, device: str = "auto"):
     import torch
 
     from kcap.models import build_model, parameter_report
-    from kcap.train import build_data
+    from kcap.run_setup import build_data, trained_token_ids
 
     path = Path(path)
     quantized = (path / "quantized.json").exists() and not (path / "checkpoints").is_dir()
@@ -54,9 +54,9 @@ def load_run(path, device: str = "auto"):
         path = checkpoint_folder(path)
         run_dir = path.parent.parent
     cfg = _run_config(run_dir)
-    ds, _, _ = build_data(cfg)
+    ds, stream, _ = build_data(cfg)
     model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window, **cfg.model_options)
-    used = ds.used_token_ids()
+    used = trained_token_ids(stream)
     info = {"params_counted": parameter_report(model, used)["counted"]}
     if quantized:
         from kcap.quantize import load_quantized, stored_bits

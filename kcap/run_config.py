@@ -18,13 +18,14 @@ from kcap.field_types import check_fields, check_mapping
 from kcap.models.config import ModelConfig, model_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DATA_KINDS = ("bioS", "bioD")
+DATA_KINDS = ("bioS", "bioD", "bioR")
+MAX_QA_FRACTION = 0.5  # the other half of the people is kept for the QA test (kcap qa)
 MAX_SEED = 2**63 - 1  # seeds are hashed as 64-bit words: larger ones would wrap to others
 
 
 @dataclass
 class DataConfig:
-    kind: str = "bioS"          # bioS | bioD
+    kind: str = "bioS"          # bioS | bioD | bioR (imported rewrites of bioS)
     n: int = 1000
     variant: str = "online"     # bioS variants (see kcap.data.bios)
     k: int = 4                  # bioD parameters
@@ -35,6 +36,8 @@ class DataConfig:
     junk_n: int = 0             # > 0: mix in junk bioS(junk_n) windows
     junk_ratio: tuple[int, int] = (1, 7)  # useful:junk tokens
     marker: bool = False        # prepend <|useful|> to useful biographies
+    qa_fraction: float = 0.0    # people whose QA pairs are mixed into pretraining (Part 3.1)
+    bior: str = ""              # bioR: the folder written by `kcap data import-bior`
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +60,17 @@ class DataConfig:
         if self.n + self.junk_n > N_FULL_NAMES:
             raise ValueError(f"data.n + data.junk_n must be <= N0 = {N_FULL_NAMES:,} distinct full "
                              f"names, got {self.n + self.junk_n:,}")
+        if self.kind != "bioR" and self.bior:
+            raise ValueError(f"data.bior names imported bioR rewrites; set data.kind = 'bioR' "
+                             f"to use them (data.kind is {self.kind!r})")
+        if self.kind == "bioR" and not self.bior:
+            raise ValueError("data.kind 'bioR' needs data.bior: the folder written by "
+                             "`kcap data import-bior`")
+        if not 0 <= self.qa_fraction <= MAX_QA_FRACTION:
+            raise ValueError(f"data.qa_fraction must be in [0, {MAX_QA_FRACTION}] (the other half "
+                             f"of the people is kept for the QA test), got {self.qa_fraction}")
+        if self.qa_fraction and self.kind == "bioD":
+            raise ValueError("data.qa_fraction: QA pairs are defined for bioS and bioR, not bioD")
         if self.kind != "bioS" and (self.junk_n or self.marker):
             which = "data.junk_n" if self.junk_n else "data.marker"
             raise ValueError(f"{which}: junk mixtures and the useful marker are defined for bioS, "

@@ -35,9 +35,18 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1, labels: bool = F
         ds = BioS(BioSConfig(n=d.n, seed=d.seed, variant=d.variant, marker=d.marker))
     elif d.kind == "bioD":
         ds = BioD(BioDConfig(n=d.n, k=d.k, c=d.c, d=d.d, l=d.l, t=d.t, seed=d.seed))
+    elif d.kind == "bioR":
+        from kcap.data.bior import BioR
+
+        ds = BioR.load(d.bior, n=d.n, seed=d.seed)
     else:
-        raise ValueError(f"data.kind must be bioS or bioD, got {d.kind!r}")
-    useful = ExposureStream(ds, cfg.exposures, cfg.window + 1, d.seed, rank, world, labels)
+        raise ValueError(f"data.kind must be bioS, bioD or bioR, got {d.kind!r}")
+    trained = ds
+    if d.qa_fraction:  # the QA-half's pairs follow their biographies (Part 3.1's mixed training)
+        from kcap.data.qa_mixed import QAMixed
+
+        trained = QAMixed(ds, d.qa_fraction, d.seed)
+    useful = ExposureStream(trained, cfg.exposures, cfg.window + 1, d.seed, rank, world, labels)
     if not d.junk_n:
         return ds, useful, 1.0
     if d.kind != "bioS":
@@ -46,6 +55,12 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1, labels: bool = F
     stream = MixtureStream(useful, ExposureStream(junk, None, cfg.window + 1, d.seed, rank, world,
                                                   labels), d.junk_ratio, d.seed)
     return ds, stream, d.junk_ratio[0] / sum(d.junk_ratio)
+
+
+def trained_token_ids(stream):
+    """Sorted token ids the training data can emit (the useful data set's, QA blocks of
+    mixed training included): the vocabulary rows counted as parameters."""
+    return getattr(stream, "useful", stream).dataset.used_token_ids()
 
 
 def resolve(cfg: TrainConfig, world: int = 1) -> dict:
@@ -81,6 +96,10 @@ def _optimizer(model, cfg: TrainConfig, lr: float, weight_decay: float, device):
 def _fingerprint(cfg: TrainConfig) -> dict:
     """What a checkpoint must agree with to be resumed (everything but the bookkeeping)."""
     d = asdict(cfg)
+    if d["data"]["qa_fraction"] == 0.0:  # a newer key: older runs resume
+        d["data"].pop("qa_fraction")
+    # where an import lies is not what it holds: the data streams' states carry its digest
+    d["data"].pop("bior")
     for key in ("eval_every", "eval_sample", "log_every", "checkpoint_every", "keep_checkpoints",
                 "device", "compile"):
         d.pop(key)
@@ -320,7 +339,7 @@ def open_run(cfg: TrainConfig, run_dir: Path, resume: bool, dist) -> Run:
                         **cfg.model_options).to(device)
     opt = _optimizer(model, cfg, plan["lr"], plan["weight_decay"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    params = parameter_report(model, ds.used_token_ids())
+    params = parameter_report(model, trained_token_ids(stream))
     fingerprint = _fingerprint(cfg)
     step = 0
     if existing is not None:
