@@ -6,6 +6,7 @@
   kcap quantize CHECKPOINT  int8/int4 post-training quantization (round-to-nearest or GPTQ)
   kcap data bios|biod|junk  generate a data set, print what it holds, optionally write windows
   kcap data qa              print question/answer pairs
+  kcap data import-bior F   import bioR rewrites of bioS people (JSON Lines) for training
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kcap.experiments.cli import add_parser as add_experiment_parser
     add_experiment_parser(sub)
+    from kcap.qa.cli import add_parser as add_qa_parser
+    add_qa_parser(sub)
 
     data = sub.add_parser("data", help="generate bioS, bioD or junk-mixture data")
     kinds = data.add_subparsers(dest="kind", required=True)
@@ -101,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--n", type=int, required=True, help="number of people N")
     qa.add_argument("--seed", type=int, default=0, help="data seed, 0 .. 2**63-1")
     qa.add_argument("--people", type=int, default=2, help="people to print")
+    bior = kinds.add_parser("import-bior", help="import bioR rewrites (JSON Lines) of bioS(N)'s "
+                                                "people for training with data.kind = 'bioR'")
+    bior.add_argument("file", help='JSON Lines, one {"person": i, "text": "..."} per line, i in '
+                                   "[0, N); a sample: kcap.data.bior.SAMPLE_PATH (--n 4 --seed 0)")
+    bior.add_argument("--n", type=int, required=True, help="number of people N of bioS(N)")
+    bior.add_argument("--seed", type=int, default=0, help="data seed of bioS(N), 0 .. 2**63-1")
+    bior.add_argument("--out", required=True, help="folder to write (replaces an earlier import)")
     return p
 
 
@@ -211,6 +221,11 @@ def _write_windows(path, stream, max_windows, plan: _OutPlan):
 
 
 def cmd_data(args):
+    if args.kind == "import-bior":
+        from kcap.data.bior_import import import_bior, summary
+
+        print(summary(import_bior(args.file, args.n, args.seed, args.out), args.out))
+        return
     if args.kind == "qa":
         from kcap.data.bios import BioS, BioSConfig
         from kcap.data.qa import qa_pairs
@@ -240,6 +255,12 @@ def cmd_demo(args):
     from kcap.demo import run_demo
 
     run_demo(args.out, args.preset)
+
+
+def cmd_qa(args):
+    from kcap.qa.cli import cmd
+
+    cmd(args)
 
 
 def cmd_experiment(args):
@@ -316,7 +337,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval,
-         "quantize": cmd_quantize, "experiment": cmd_experiment}[args.command](args)
+         "quantize": cmd_quantize, "experiment": cmd_experiment, "qa": cmd_qa}[args.command](args)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's last flush
     except BrokenPipeError:
         # the reader left (`kcap data ... | head`): stop quietly like other Unix tools; stdout

@@ -13,6 +13,8 @@ adapted projections are exactly the paper's (query, value, MLP).
 
 ``merge_lora`` folds the updates into the base weights (for evaluation at full speed) and
 ``unmerge_lora`` restores the base weights exactly (they are kept aside while merged).
+Over a quantized model (kcap.quantize.QuantLinear layers) the adapters train in fp32 beside
+the integer weights, as QLoRA does, and are never merged.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, rows: tuple[int, int] | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        quantized = hasattr(base, "dequantized")  # kcap.quantize.QuantLinear: QLoRA-style
+        if not (isinstance(base, nn.Linear) or quantized):
+            raise TypeError(f"base must be an nn.Linear or a QuantLinear, got {type(base).__name__}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
@@ -41,10 +44,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"rows must lie in [0, {base.out_features}], got {(start, stop)}")
         self.base, self.rank, self.scale = base, rank, alpha / rank
         self.start, self.stop = start, stop
-        w = base.weight
-        self.a = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        w = base.qweight if quantized else base.weight  # adapters train in fp32 over int weights
+        dtype = torch.float32 if quantized else w.dtype
+        self.a = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.b = nn.Parameter(torch.zeros(stop - start, rank, device=w.device, dtype=w.dtype))
+        self.b = nn.Parameter(torch.zeros(stop - start, rank, device=w.device, dtype=dtype))
         self._kept: torch.Tensor | None = None  # the base weight while merged
 
     @property
@@ -53,7 +57,8 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the base weight, (out, in): zero outside the adapted rows."""
-        delta = torch.zeros_like(self.base.weight)
+        delta = torch.zeros(self.base.out_features, self.base.in_features, dtype=self.a.dtype,
+                            device=self.a.device)
         delta[self.start:self.stop] = self.scale * (self.b @ self.a)
         return delta
 
@@ -69,9 +74,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if not isinstance(self.base, nn.Linear):
+            raise ValueError("merge needs a floating-point base layer; over a quantized one the "
+                             "adapter stays apart (its forward adds it)")
         if not self.merged:
             self._kept = self.base.weight.detach().clone()
-            self.base.weight += self.delta_weight()
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
