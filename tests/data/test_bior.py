@@ -10,7 +10,7 @@ import pytest
 
 from kcap.cli import main
 from kcap.data.bior import MAX_TOKENS, SAMPLE_N, SAMPLE_PATH, SAMPLE_SEED, BioR
-from kcap.data.bior_import import import_bior, value_texts
+from kcap.data.bior_import import _Bad, import_bior, label_rewrite, value_texts
 from kcap.data.bios import BioS, BioSConfig
 from kcap.data.labels import NAME, SPECIAL, TEXT, VALUE
 from kcap.data.stream import ExposureStream
@@ -213,16 +213,35 @@ def test_a_bad_record_is_refused_with_its_line_and_nothing_is_written(case, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no DIR, no temporaries
 
 
-def test_ambiguous_first_occurrences_are_refused(tmp_path):
+def test_a_shared_birth_and_work_city_takes_its_occurrences_in_order(tmp_path):
     # seed 44's person 0 was born in and works in Atlanta, GA: one text, two attributes
     bios = BioS(BioSConfig(n=3, seed=44, variant="fullname"))
     lines = [rewrite(p, bios.text(p, 0)[:-len("<|endoftext|>")]) for p in range(3)]
     path = write_lines(tmp_path / "in.jsonl", lines)
-    with pytest.raises(ValueError, match="line 1: person 0: ambiguous: the first birth city "
-                                         "'Atlanta, GA' and the first work city 'Atlanta, GA' "
-                                         "overlap"):
-        import_bior(path, 3, 44, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    import_bior(path, 3, 44, tmp_path / "out")
+    got = BioR.load(tmp_path / "out", 3, 44).render(np.arange(3), 0, labels=True)
+    want = bios.render(np.arange(3), 0, labels=True)  # birth sentence first: the same labels
+    assert np.array_equal(got.tokens, want.tokens)
+    assert np.array_equal(got.labels.field, want.labels.field)
+    # named once: it is the birth city's, and the work city (not counted) goes unlabelled
+    once = bios.text(0, 0)[:-len("<|endoftext|>")]
+    cut = once.rindex("Atlanta, GA")
+    tokens, field = label_rewrite(bios.tokenizer, once[:cut] + "the same city.",
+                                  *value_texts(bios.pools, bios.profiles([0]), 0)[:1],
+                                  value_texts(bios.pools, bios.profiles([0]), 0)[1], list(ATTRIBUTES))
+    work = VALUE + ATTRIBUTES.index("work_city")
+    assert not (field == work).any() and (field == VALUE + ATTRIBUTES.index("birth_city")).any()
+
+
+def test_overlapping_first_occurrences_are_refused():
+    bios = BioS(BioSConfig(n=1))
+    values = ["October 2, 1996", "Atlanta, GA", "Yale University", "Music", "Music Hall Inc",
+              "Boston, MA"]
+    text = ("Ann Bo Cy was born on October 2, 1996 in Atlanta, GA, went to Yale University, "
+            "worked for Music Hall Inc in Boston, MA.")
+    with pytest.raises(_Bad, match="ambiguous: the first major 'Music' and the first employer "
+                                   "'Music Hall Inc' overlap"):
+        label_rewrite(bios.tokenizer, text, "Ann Bo Cy", values, list(ATTRIBUTES))
 
 
 def test_every_bad_record_is_counted_and_ten_are_shown(tmp_path):
