@@ -31,6 +31,11 @@ def add_parser(sub) -> None:
     run.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
                      help="train compatible runs as packs of models in one process: auto (on a "
                           "GPU, the default), on (also on a CPU, where it is slower), off")
+    run.add_argument("--qa", action="store_true",
+                     help="also run the QA extraction test (kcap qa) on every trained run: "
+                          "the figure and table gain extractable bits")
+    run.add_argument("--bior", default=None, metavar="DIR",
+                     help="r2: also train on this bioR import (kcap data import-bior)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     st = cmds.add_parser("status", help="runs done / running / failed and an ETA")
     st.add_argument("out", help="sweep folder")
@@ -77,7 +82,8 @@ def cmd(args) -> None:
         executor = _executor(args)
         try:
             rows = run_sweep(args.key, args.preset, args.out, executor,
-                             progress=not args.no_progress, pack=args.pack)
+                             progress=not args.no_progress, pack=args.pack, qa=args.qa,
+                             bior=args.bior)
         finally:
             executor.close()
         done = sum(r["status"] == "done" for r in rows)

@@ -110,9 +110,18 @@ def _capacity(ax, done, color_by, laws, colours) -> list:
                     ms=5, color=colour, capsize=2, label=_text(value))
         ax.scatter(x, [r["bits_max"] for r in group], s=22, facecolors="none",
                    edgecolors=colour, linewidths=1)
+        qa = [(r["params"], _extractable(r)) for r in group if (_extractable(r) or 0) > 0]
+        if qa:  # the QA post-step's extractable bits beside the stored ones
+            ax.scatter(*zip(*qa), s=30, marker="D", facecolors="white", edgecolors=colour,
+                       linewidths=1.2, zorder=3)
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="grey"))
     labels.append("bits in the data")
+    extractable = [r for r in done if _extractable(r) is not None]
+    if extractable:
+        handles.append(Line2D([], [], ls="", marker="D", mfc="white", mec="grey"))
+        labels.append("extractable bits (QA)")
+    no_qa_bits = [r for r in extractable if not _extractable(r) > 0]
     ax.set_xscale("log")
     ax.set_yscale("log")
     law_texts = []
@@ -131,9 +140,19 @@ def _capacity(ax, done, color_by, laws, colours) -> list:
     ax.set_ylabel("bits of knowledge learned")
     ax.legend(handles, labels, title=_LEGEND_TITLES.get(color_by, color_by), fontsize="small",
               loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    if hidden:
-        _note(ax, f"{_runs(hidden)} with bits <= 0 not shown (log axes)")
+    notes = [f"{_runs(hidden)} with bits <= 0 not shown (log axes)"] if hidden else []
+    if extractable and no_qa_bits:
+        notes.append(f"{_runs(no_qa_bits)} with extractable bits <= 0 not shown")
+    if notes:
+        _note(ax, "; ".join(notes))
     return law_texts
+
+
+def _extractable(row) -> float | None:
+    """The run's extractable bits from its QA post-step, None if it has none."""
+    qa = (row.get("post") or {}).get("qa") or {}
+    value = qa.get("bits")
+    return None if value is None else float(value)
 
 
 def _relative(ax, done, baseline, colours):

@@ -93,3 +93,22 @@ def relative(rows: list[dict], of: dict, to: dict, quantity: str, claim: str,
     mean = lambda rs: sum(r["R"] for r in rs) / len(rs)  # noqa: E731
     return Finding(quantity, mean(a) / mean(b), None, claim, paper_value,
                    f"{len(a)} vs {len(b)} runs")
+
+
+def extraction(rows: list[dict]) -> list[Finding]:
+    """Stored over extractable bits (the QA post-step), at the run nearest the capacity
+    boundary (highest R) and on average; [] where no run has the QA step."""
+    pairs = [(r["post"]["qa"]["knowledge_bits_same_people"], r["post"]["qa"]["bits"], r["R"])
+             for r in done(rows) if (r.get("post") or {}).get("qa")]
+    if not pairs:
+        return []
+    claim = "Part 3.3 A.2: ~1.2x at the capacity boundary"
+    quantity = "stored / extractable bits (QA)"
+    usable = [(s / e, R) for s, e, R in pairs if e > 0 and s > 0]
+    if not usable:
+        return [Finding(quantity, None, None, claim, 1.2,
+                        f"{len(pairs)} runs, none with extractable bits > 0")]
+    best = max(usable, key=lambda x: x[1])
+    return [Finding(quantity, best[0], None, claim, 1.2,
+                    f"the run with the highest R ({best[1]:.3f}); mean over {len(usable)} runs "
+                    f"{sum(x[0] for x in usable) / len(usable):.2f}x")]

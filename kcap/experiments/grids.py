@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from pathlib import Path
 
 from kcap.experiments.spec import PostStep, Run
 from kcap.run_config import DataConfig, TrainConfig
@@ -105,6 +106,28 @@ def _used_tokens(kind: str, n: int, variant: str, marker: bool) -> int:
     return len(BioS(BioSConfig(n=min(n, 50_000), variant=variant, marker=marker)).used_token_ids())
 
 
+@functools.lru_cache(maxsize=8)
+def _bior_facts(folder: str, n: int, seed: int) -> tuple[float, int, float]:
+    """(bits in the data, token ids used, mean tokens per rewrite) of a bioR import."""
+    from kcap.capacity import data_bits_max
+    from kcap.data.bior import BioR, read_meta
+
+    ds, meta = BioR.load(folder, n=n, seed=seed), read_meta(folder)
+    return data_bits_max(ds), len(ds.used_token_ids()), meta["tokens"] / meta["records"]
+
+
+def bior_runs(preset: str, folder, sizes) -> list[Run]:
+    """Runs on a bioR import (r2's bioR row): each GPT2 size at the import's N, 1000
+    exposures, labelled variant "bioR"."""
+    from kcap.data.bior import read_meta
+
+    meta = read_meta(folder)
+    folder = str(Path(folder).resolve())
+    return [run(preset, f"gpt2-{s}", meta["n"], 1000, name=f"gpt2-{s}-bior-n{short(meta['n'])}-e1000",
+                labels={"variant": "bioR"}, kind="bioR", bior=folder, seed=meta["seed"])
+            for s in sizes]
+
+
 @functools.lru_cache(maxsize=256)
 def _param_counts(model: str, options: tuple, used: int, vocab: int) -> tuple[int, int]:
     """(counted, total) parameters, from a model built on the meta device (no memory)."""
@@ -135,6 +158,10 @@ def run_facts(r: Run) -> dict:
     if d.kind == "bioS":  # a BioS is cheap to build: profiles are drawn only when asked for
         bits = data_bits_max(BioS(BioSConfig(n=d.n, variant=d.variant, marker=d.marker)))
         per_bio = TOKENS_PER_BIO
+    elif d.kind == "bioR":
+        bits, used, per_bio = _bior_facts(d.bior, d.n, d.seed)
+        counted, total = _param_counts(cfg.model, tuple(sorted(cfg.model_options.items())),
+                                       used, vocab)
     else:
         bits = biod_bits_max(d.n, N_FULL_NAMES, d.k, d.c, d.d, d.l, d.t)
         per_bio = 4 + d.k * (6 + d.c * (d.l + 1))  # name, then "'s ID k is" and the chunks

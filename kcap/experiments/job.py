@@ -87,23 +87,52 @@ def _trained(job: RunJob) -> dict:
 
 
 def _post_step(job: RunJob, step: PostStep) -> dict:
-    """Quantize the trained run and measure it again on the same people."""
-    from kcap.evaluate_checkpoint import evaluate_checkpoint
-    from kcap.quantize_run import quantize_run
-
+    """Do post-step ``step`` on the trained run (once: its eval.json is the result)."""
     out = Path(job.sweep) / "post" / job.run.name / step.name
     try:
         return json.loads((out / "eval.json").read_text())
     except (OSError, ValueError):
         pass
+    if step.kind == "qa":
+        return _qa(job, step, out)
     if out.exists():  # an attempt killed half-way: the folder is ours, start it again
         shutil.rmtree(out)
+    return _quantize(job, step, out)
+
+
+def _device(job: RunJob) -> str:
+    return "cpu" if job.run.config.device == "cpu" else "auto"
+
+
+def _qa(job: RunJob, step: PostStep, out: Path) -> dict:
+    """The QA extraction test of the trained run (``kcap qa``: its fine-tune resumes in the
+    run folder), reported as extractable bits."""
+    from kcap.qa.finetune import QAConfig, run_qa
+
+    opts = dict(step.options)
+    if "where" in opts:
+        opts["where"] = tuple(opts["where"])
+    report = run_qa(job.run_dir, QAConfig(**opts, test_people=job.run.config.eval_sample),
+                    device=_device(job), progress=False)
+    n_params = report["extractable"]["n_params"]
+    result = {"bits": report["extractable_bits"], "R": report["R_extractable"],
+              "R_ci95": report["extractable_bits_ci95"] / n_params, "stored_bits": None,
+              "knowledge_bits_same_people": report["stored_bits"],
+              "exact_match": report["exact_match"], "exact_match_ci95": report["exact_match_ci95"]}
+    write_json(out / "eval.json", result)
+    return result
+
+
+def _quantize(job: RunJob, step: PostStep, out: Path) -> dict:
+    """Quantize the trained run and measure it again on the same people."""
+    from kcap.evaluate_checkpoint import evaluate_checkpoint
+    from kcap.quantize_run import quantize_run
+
     opts = step.options
     quantize_run(job.run_dir, out, bits=opts.get("bits", 8), method=opts.get("method", "rtn"),
                  group_size=opts.get("group_size", 64))
     # the same people as the run's own final evaluation (same sample size, same seed)
-    report, info = evaluate_checkpoint(out, sample=job.run.config.eval_sample,
-                                       device="cpu" if job.run.config.device == "cpu" else "auto")
+    report, info = evaluate_checkpoint(out, sample=job.run.config.eval_sample, device=_device(job))
     result = {"bits": report.bits, "R": report.R, "R_ci95": report.R_ci95,
               "stored_bits": info.get("stored_bits"), "method": opts.get("method"),
               "bits_per_weight": opts.get("bits")}

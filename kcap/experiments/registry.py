@@ -106,10 +106,26 @@ def _r1(rows):
     return [f.peak(rows, "paper: >= 2", 2.0), f.highest(rows, 2.3), f.reaches_r_max(rows)]
 
 
+BIOR_EXPERIMENTS = ("r2",)  # experiments whose grid takes a bioR import (--bior)
+
+
+def bior_grid(preset: str, folder) -> list:
+    """r2's bioR row: the preset's GPT2 sizes on the imported rewrites."""
+    from kcap.experiments.grids import bior_runs
+
+    sizes = SIZES[preset] if preset != "paper" else PAPER_SIZES
+    return bior_runs(preset, folder, sizes)
+
+
 def _r2(rows):
-    return [f.peak(rows, "paper: ~2, slightly below bioS", 2.0),
-            Finding("bioR", None, None, "paper: ~2, slightly below bioS", 2.0,
-                    "bioR rewrites cannot be generated offline; import is issue 15")]
+    bios = [r for r in rows if r["labels"].get("variant") != "bioR"]
+    bior = [r for r in rows if r["labels"].get("variant") == "bioR"]
+    out = [f.peak(bios, "paper: ~2, slightly below bioS", 2.0)]
+    if not bior:
+        return out + [Finding("peak R on bioR", None, None, "paper: ~2, slightly below bioS", 2.0,
+                              "no bioR import given: kcap experiment run r2 --bior DIR "
+                              "(DIR from kcap data import-bior)")]
+    return out + [f.peak(bior, "paper: ~2, slightly below bioS", 2.0, "peak R on bioR")]
 
 
 def _ratios(claims, exposures=None):

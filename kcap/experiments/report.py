@@ -11,6 +11,7 @@ from pathlib import Path
 from kcap.atomic import write_text
 from kcap.experiments import registry
 from kcap.experiments.figures import draw_figure
+from kcap.experiments.findings import extraction
 from kcap.experiments.results import read_results
 from kcap.run_plan import duration, human
 
@@ -38,7 +39,7 @@ def write_report(out, rows: list[dict] | None = None) -> Path:
              f"- {PRESET_NOTES.get(preset, preset)}", f"- {_counts(rows)}; written "
              f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", ""]
     lines += ["| quantity | measured | paper | factor | note |", "|---|---|---|---|---|"]
-    for f in experiment.findings(rows):
+    for f in experiment.findings(rows) + extraction(rows):
         measured = "-" if f.measured is None else (
             f"{f.measured:.3f}" + (f" +- {f.ci95:.3f}" if f.ci95 else ""))
         factor = "-" if f.factor is None else f"{f.factor:.2f}x"
@@ -59,12 +60,16 @@ def write_report(out, rows: list[dict] | None = None) -> Path:
             lines.append(f"| {r['run']} | {r['status']} | | | | | | | "
                          f"{(r.get('error') or '').replace('|', '/')} |")
     if any(r.get("post") for r in rows):
-        lines += ["", "## After post-steps", "", "| run | step | bits | R | stored bits |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## After post-steps", "",
+                  "qa: bits and R are the extractable ones (kcap qa); exact match on held-out "
+                  "people. Quantized steps: stored bits are the weights' storage.", "",
+                  "| run | step | bits | R | stored bits | QA exact match |", "|---|---|---|---|---|---|"]
         for r in rows:
             for step, p in (r.get("post") or {}).items():
                 stored = f"{p['stored_bits']:,}" if p.get("stored_bits") else ""
-                lines.append(f"| {r['run']} | {step} | {p['bits']:,.0f} | {p['R']:.3f} | {stored} |")
+                exact = f"{p['exact_match']:.1%}" if p.get("exact_match") is not None else ""
+                lines.append(f"| {r['run']} | {step} | {p['bits']:,.0f} | {p['R']:.3f} | {stored} "
+                             f"| {exact} |")
     path = out / "results.md"
     write_text(path, "\n".join(lines) + "\n")
     return path

@@ -24,18 +24,21 @@ from kcap.run_plan import duration, human
 
 
 def run_sweep(key: str, preset: str, out, executor=None, retries: int = 1,
-              progress: bool = True, pack: str = "auto") -> list[dict]:
+              progress: bool = True, pack: str = "auto", qa: bool = False,
+              bior=None) -> list[dict]:
     """Run experiment ``key`` at ``preset`` in folder ``out``; return the results rows.
 
     ``pack``: "auto" trains compatible runs as packs (kcap/experiments/packing.py) when the
     executor's slots are GPUs, "on" always (also on a CPU, where it is slower), "off" never.
+    ``qa``: every run also gets the QA extraction test (kcap.qa) as a post-step; ``bior``:
+    a bioR import whose runs join r2's grid.
     """
     from kcap.experiments.executors import LocalExecutor
 
     if not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     out = Path(out)
-    jobs = open_sweep(out, key, preset)
+    jobs = open_sweep(out, key, preset, qa, bior)
     with run_lock(out, f"experiment {key}"):
         todo = [j for j in jobs if j.result() is None]
         if todo:

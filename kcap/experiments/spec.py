@@ -17,12 +17,18 @@ PRESETS = ("smoke", "gpu", "paper")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 
 
+POST_OPTIONS = {"quantize": {"bits", "method", "group_size"},
+                "qa": {"epochs", "rank", "alpha", "lr", "batch_size", "where"}}
+
+
 @dataclass(frozen=True)
 class PostStep:
     """Something done to a trained run before it is measured again.
 
     kind "quantize": options bits (4 or 8), method ("rtn" or "gptq"), group_size; the
     quantized model is evaluated on the same people and reported under ``name``.
+    kind "qa": options of kcap.qa.QAConfig (epochs, rank, alpha, lr, batch_size, where);
+    the QA extraction test (``kcap qa``), reported as extractable bits under ``name``.
     """
     name: str
     kind: str
@@ -32,9 +38,9 @@ class PostStep:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ValueError(f"post-step name must be lowercase letters, digits and _.+-, got "
                              f"{self.name!r}")
-        if self.kind != "quantize":
-            raise ValueError(f"post-step kind must be 'quantize', got {self.kind!r}")
-        unknown = set(self.options) - {"bits", "method", "group_size"}
+        if self.kind not in POST_OPTIONS:
+            raise ValueError(f"post-step kind must be one of {sorted(POST_OPTIONS)}, got {self.kind!r}")
+        unknown = set(self.options) - POST_OPTIONS[self.kind]
         if unknown:
             raise ValueError(f"post-step {self.name}: unknown options {sorted(unknown)}")
 
