@@ -95,3 +95,20 @@ def test_bad_inputs_are_refused():
         add_lora(m)
     with pytest.raises(ValueError, match="rows"):
         LoRALinear(torch.nn.Linear(4, 6), 2, 4.0, rows=(3, 9))
+
+
+def test_adapters_over_a_quantized_model_train_beside_the_int_weights():
+    from kcap.quantize import QuantLinear, quantize_model
+
+    m, x = model(), ids()
+    quantize_model(m, 8, "rtn")
+    before = m(x)[0]
+    add_lora(m, rank=4, alpha=8)
+    assert isinstance(m.blocks[0].attn.q.base, QuantLinear)
+    assert torch.equal(m(x)[0], before)  # still a no-op
+    params = lora_parameters(m)
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    m(x)[0].square().mean().backward()
+    assert all(p.grad is not None for p in params)
+    with pytest.raises(ValueError, match="merge needs a floating-point base layer"):
+        merge_lora(m)

@@ -107,16 +107,18 @@ def _run(path, out: Path, cfg: QAConfig, device: str, progress: bool) -> dict:
     import torch
 
     from kcap.atomic import write_json
-    from kcap.console import note
-    from kcap.data.qa import qa_halves, qa_pairs
+    from kcap.data.qa import QA_KINDS, qa_halves, qa_pairs
     from kcap.evaluate import person_losses
     from kcap.evaluate_checkpoint import load_run
     from kcap.lora import add_lora
     from kcap.qa.answers import encode_pairs, score_answers
-    from kcap.qa.report import build_report, summary_lines
+    from kcap.qa.report import build_report
     from kcap.run_setup import run_precision
 
     run_cfg, ds, model, info = load_run(path, device)
+    if ds.kind not in QA_KINDS:
+        raise ValueError(f"QA pairs are defined for bioS and bioR people; this model was trained "
+                         f"on {ds.kind}")
     dev = next(iter(model.buffers()), next(model.parameters())).device
     precision, dtype = run_precision(run_cfg, dev)
     if precision == "fp16":
@@ -153,8 +155,6 @@ def _run(path, out: Path, cfg: QAConfig, device: str, progress: bool) -> dict:
                   device=str(dev), source=str(Path(path).resolve()))
     report = json.loads(json.dumps(report))  # as the file reads back (lists, not tuples)
     write_json(out / REPORT_NAME, report)
-    for line in summary_lines(report):
-        note(line)
     return report
 
 

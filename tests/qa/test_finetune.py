@@ -96,6 +96,15 @@ def test_qa_over_a_quantized_model(pretrained, tmp_path):
     assert report["exact_match"] > 0.1  # int8 keeps what was stored; two epochs find some
 
 
+def test_qa_needs_bios_people(tmp_path):
+    run = tmp_path / "biod"
+    train(TrainConfig(model="gpt2-1-1", data=DataConfig(kind="bioD", n=10), steps=1, exposures=1,
+                      window=64, batch_size=2, eval_sample=None), run, progress=False)
+    with pytest.raises(ValueError, match="QA pairs are defined for bioS and bioR people; this "
+                                         "model was trained on bioD"):
+        run_qa(run, QUICK, progress=False)
+
+
 def test_config_and_command_line_errors(pretrained, capsys):
     from kcap.cli import main
 
