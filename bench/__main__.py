@@ -1,7 +1,8 @@
 """python -m bench <subject> [--quick]"""
 import argparse
 
-SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack")
+SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack",
+            "cross_entropy")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -30,6 +31,9 @@ elif args.subject == "moe":
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)
+elif args.subject == "cross_entropy":
+    from bench import cross_entropy
+    cross_entropy.run(quick=args.quick)
 elif args.subject == "pack":
     from bench import pack
     pack.run(quick=args.quick, full=args.full)

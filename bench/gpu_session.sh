@@ -15,6 +15,11 @@ mkdir -p "$LOGS"
 if [ ! -e /tmp/kcap-installed ]; then
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$LOGS/install.log" 2>&1 \
     || { echo "install failed:"; tail -20 "$LOGS/install.log"; exit 1; }
+  # wheels carried from the project machine (no network here): liger-kernel for the
+  # linear cross-entropy comparison (`pip download liger-kernel --no-deps -d bench/wheels`)
+  for wheel in bench/wheels/*.whl; do
+    [ -e "$wheel" ] && python3 -m pip install -q --no-deps "$wheel" >> "$LOGS/install.log" 2>&1
+  done
   touch /tmp/kcap-installed
 fi
 {
@@ -33,7 +38,7 @@ if [ "$stage" = tests ]; then
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
 elif [ "$stage" = bench ]; then
   subjects=("$@")
-  [ "${subjects[0]:-all}" = all ] && subjects=(attention mlp quant_matmul moe train pack)
+  [ "${subjects[0]:-all}" = all ] && subjects=(attention mlp quant_matmul moe train pack cross_entropy)
   for subject in "${subjects[@]}"; do
     python3 -m bench "$subject" 2>&1 | tee "$LOGS/bench-$subject.log"
   done

@@ -39,7 +39,7 @@ and failed on some (issue 11). Under ``TRITON_INTERPRET=1`` even ``tl.dot`` is a
 tests/kernels: ``KCAP_MARGIN_LOG=margins.jsonl pytest tests/kernels`` records them), in the
 interpreter on a 2-core x86 CPU: worst 0.46 (attention fp32 dV); by kernel and dtype,
 attention 0.25 (fp16) / 0.46 (fp32), fused MLP 0.34 / 0.37, grouped GEMM 0.24 / 0.31,
-quantized matmul 0.26 / 0.28. The same to the last digit at OMP_NUM_THREADS=1 and 2, under
+quantized matmul 0.26 / 0.28, linear cross-entropy 0.50 (worst of fp16 and fp32, its loss). The same to the last digit at OMP_NUM_THREADS=1 and 2, under
 triton 3.6.0 (numpy 2.3.5) and 3.9.0 (numpy 2.4.6). The kernels' errors are ~0.5-1 u of the
 output scale in fp16 (the interpreter upcasts tiles, so only the stores round) and ~1-13 u in
 fp32, the model's alike (u: the unit roundoff, ``UNIT_ROUNDOFF``).

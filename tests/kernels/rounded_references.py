@@ -229,3 +229,54 @@ def quant_matmul(x, codes, scales, group: int, bias, p: Precision, magnitudes: b
     weight = codes.double() * scales.double().repeat_interleave(group, 1)
     mag = magnitude_matmul(x, weight.t()) + (bias.double().abs() if bias is not None else 0)
     return y, mag
+
+
+# --- fused linear cross-entropy --------------------------------------------------------------------
+
+def linear_cross_entropy(x, w, b, targets, chunk: int, p: Precision, magnitudes: bool = False,
+                         ignore_index: int = -100):
+    """linear_cross_entropy's {loss, x, w[, b]} (gradients of the mean loss).
+
+    x (N, D), w (V, D), b (V,) or None in the storage dtype; targets (N,) int64. Rounding
+    points of kernels/cross_entropy.py: the chunk's logits (x W^T, then + b) stored in
+    the input dtype; log-sum-exp and loss in fp32; the logits' gradient stored in the input
+    dtype; dx = G W stored; dW summed in fp32 over chunks of G^T x, each stored in the input
+    dtype first; db summed in fp32 from the stored G."""
+    x, w = p.cast(x), p.cast(w)
+    z = p.round(p.matmul(x, w.t()))
+    if b is not None:
+        z = p.round(z + p.cast(b))
+    valid = targets != ignore_index
+    inv_n = p.scalar(1.0) / p.scalar(float(max(int(valid.sum()), 1)))
+    m = z.max(dim=1).values
+    s = p.sum(p.fn(torch.exp, z - m[:, None]), 1)
+    lse = m + p.fn(torch.log, s)
+    safe = torch.where(valid, targets, 0)
+    rows = torch.where(valid, lse - z[torch.arange(len(z)), safe], 0.0).to(p.acc)
+    loss = p.sum(rows, 0) * inv_n
+    scale = torch.where(valid, inv_n, 0.0).to(p.acc)[:, None]
+    g = p.fn(torch.exp, z - lse[:, None]) * scale
+    onehot = torch.zeros_like(g, dtype=torch.bool)
+    onehot[valid, targets[valid]] = True
+    g = p.round(torch.where(onehot, g - scale, g))
+    values = {"loss": loss, "x": p.round(p.matmul(g, w))}
+    dw = None
+    for lo in range(0, len(x), chunk):
+        part = p.round(p.matmul(g[lo:lo + chunk].t(), x[lo:lo + chunk]))
+        dw = part if dw is None else dw + part
+    values["w"] = p.round(dw)
+    if b is not None:
+        db = None
+        for lo in range(0, len(x), chunk):
+            part = p.sum(g[lo:lo + chunk], 0)
+            db = part if db is None else db + part
+        values["b"] = p.round(db)
+    if not magnitudes:
+        return values
+    ax, aw, ag = x.double().abs(), w.double().abs(), g.double().abs()
+    az = ax @ aw.t() + (b.double().abs() if b is not None else 0.0)
+    mag_rows = torch.where(valid, lse.double().abs() + az.max(dim=1).values, 0.0)
+    mags = {"loss": mag_rows.sum() * float(inv_n), "x": ag @ aw, "w": ag.t() @ ax}
+    if b is not None:
+        mags["b"] = ag.sum(0)
+    return values, mags

@@ -1,0 +1,82 @@
+"""LM head + cross-entropy: kcap's fused kernel against eager PyTorch (the models' own loss:
+logits in the model's dtype, the loss in fp32) and Liger-Kernel's fused linear
+cross-entropy when it is installed, forward+backward, in one run; also each one's peak
+memory above its inputs (the issue's target: <= 0.5x eager at >= 1.0x its speed).
+
+Shapes: the paper's vocabulary (kcap's 4,337 tokens), widths d = 64-1280 (gpt2-1-1 to
+gpt2-20-20) and 12K-200K tokens per step (24-384 windows of 512). Liger is on PyPI (pure
+Python): `pip download liger-kernel --no-deps -d bench/wheels` on a machine with network,
+then carry bench/wheels to the GPU machine (bench/gpu_session.sh installs what it finds
+there). Without a GPU this says so and times an interpreter-sized case on the CPU (a harness
+check, not a speed figure).
+"""
+from __future__ import annotations
+
+from bench.harness import Stages, kernel_device, save
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, t: loss(w, x, t)
+
+
+def run(quick: bool = False) -> None:
+    import torch
+
+    gpu, timer = kernel_device()
+    from kcap.data.tokenizer import default_tokenizer
+    from kcap.kernels.cross_entropy import (linear_cross_entropy,
+                                                   linear_cross_entropy_reference)
+
+    vocab = default_tokenizer().vocab_size
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    if gpu:
+        shapes = [(t, d) for d in (64, 256, 768, 1280) for t in (12_288, 49_152, 196_608)]
+        shapes = [(12_288, 256), (49_152, 768)] if quick else shapes
+    else:
+        shapes = [(256, 64)]
+    providers = [("eager torch", lambda x, w, t: linear_cross_entropy_reference(x, w, t)),
+                 ("kcap fused", lambda x, w, t: linear_cross_entropy(x, w, t))]
+    liger = _liger() if gpu else None
+    if liger is not None:
+        providers.append(("liger fused", liger))
+    elif gpu:
+        print("liger-kernel is not installed: its rows are missing (see the module docstring)")
+    rows = []
+    stages = Stages("cross_entropy", len(shapes))
+    for tokens, d in shapes:
+        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(vocab, d, device=device, dtype=dtype) / d ** 0.5).requires_grad_()
+        t = torch.randint(0, vocab, (tokens,), device=device)
+        flops = 2 * tokens * d * vocab * 3  # logits, then dx and dW
+        case = f"forward+backward {str(dtype)[6:]} tokens {tokens} d {d} V {vocab}"
+        stages.start(f"{case}: {', '.join(p for p, _ in providers)}")
+        for provider, fn in providers:
+            def step(fn=fn):
+                torch.autograd.grad(fn(x, w, t), [x, w])
+
+            try:
+                seconds = timer(step)
+            except torch.OutOfMemoryError:
+                rows.append({"case": case, "kernel": "linear_cross_entropy", "provider": provider,
+                             "shape": [tokens, d, vocab], "dtype": str(dtype), "median_s": float("nan"),
+                             "throughput": float("nan"), "unit": "TFLOP/s", "note": "out of memory"})
+                torch.cuda.empty_cache()
+                continue
+            row = {"case": case, "kernel": "linear_cross_entropy", "provider": provider,
+                   "shape": [tokens, d, vocab], "dtype": str(dtype), "median_s": seconds,
+                   "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"}
+            if gpu:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            rows.append(row)
+    stages.finish()
+    save("cross_entropy", rows, baseline="eager torch")

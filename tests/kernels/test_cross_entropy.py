@@ -1,0 +1,126 @@
+"""linear_cross_entropy against its exact (fp64) reference under the error rule of
+precision.py (see test_attention): broken results the rule must reject, ignored and
+out-of-range targets, the no-grad path, agreement with PyTorch, and bad inputs."""
+import math
+
+import pytest
+import torch
+
+from kcap.kernels import cross_entropy as L
+from kcap.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kcap.kernels.runtime import INTERPRET
+
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margins
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (tokens N, width D, vocabulary V, rows per chunk): none a multiple of the blocks
+SHAPES = [(37, 24, 129, 8), (1, 16, 50, 1), (65, 40, 300, 16)]
+
+
+def inputs(shape, dtype, bias, seed=0, ignored=(3, 10)):
+    n, d, v, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[[i for i in ignored if i < n]] = -100
+    return x, w, b, t
+
+
+def run_kernel(x, w, b, t, chunk) -> dict:
+    x, w = x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
+    b = None if b is None else b.to(DEVICE).requires_grad_()
+    loss = linear_cross_entropy(x, w, t.to(DEVICE), b, chunk=chunk)
+    loss.backward()
+    out = {"loss": loss.detach().cpu(), "x": x.grad.cpu(), "w": w.grad.cpu()}
+    if b is not None:
+        out["b"] = b.grad.cpu()
+    return out
+
+
+def references(x, w, b, t, chunk, dtype):
+    exact, magnitude = R.linear_cross_entropy(x, w, b, t, chunk, EXACT, magnitudes=True)
+    return exact, R.linear_cross_entropy(x, w, b, t, chunk, at(dtype)), magnitude
+
+
+@pytest.mark.parametrize("block", [64, None], ids=["block64", "one_block"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_the_exact_reference_within_the_rule(shape, dtype, bias, block, monkeypatch):
+    if block is not None:  # several passes over the vocabulary per row
+        monkeypatch.setattr(L, "_block_v", lambda v: block)
+    x, w, b, t = inputs(shape, dtype, bias)
+    assert_within_rule(run_kernel(x, w, b, t, shape[3]), *references(x, w, b, t, shape[3], dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rule_rejects_broken_results(dtype):
+    shape = SHAPES[2]
+    x, w, b, t = inputs(shape, dtype, True)
+    refs = references(x, w, b, t, shape[3], dtype)
+    got = run_kernel(x, w, b, t, shape[3])
+    shifted = t.clone()
+    shifted[t >= 0] = (t[t >= 0] + 1) % shape[2]
+    broken = {"targets off by one": run_kernel(x, w, b, shifted, shape[3]),
+              "loss off by 1e-3": {**got, "loss": got["loss"] * (1 + 1e-3)},
+              "dx off by 1e-2": {**got, "x": got["x"] * 1.01},
+              "one row of dW off by 1e-2": {**got, "w": torch.cat([got["w"][:1] * 1.01, got["w"][1:]])},
+              "db dropped": {**got, "b": torch.zeros_like(got["b"])}}
+    for name, result in broken.items():
+        found = margins(result, *refs)
+        assert max(found.values()) > 1, f"{name} passed the rule: {found}"
+
+
+def test_agrees_with_pytorch_and_the_no_grad_path():
+    x, w, b, t = inputs(SHAPES[0], torch.float32, True)
+    ref = linear_cross_entropy_reference(x, w, t, b)
+    args = (x.to(DEVICE), w.to(DEVICE), t.to(DEVICE), b.to(DEVICE))
+    got = linear_cross_entropy(*args, chunk=5)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    with torch.no_grad():
+        assert linear_cross_entropy(*args, chunk=5).item() == got.item()
+
+
+def test_ignored_and_out_of_range_targets():
+    x, w, _, t = inputs(SHAPES[0], torch.float32, False, ignored=range(37))
+    x, w = x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
+    loss = linear_cross_entropy(x, w, t.to(DEVICE))  # every target ignored: 0, not NaN
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.abs().sum() and not w.grad.abs().sum()
+    x, w, _, t = inputs(SHAPES[0], torch.float32, False)
+    t[5] = 129  # = V: out of range
+    with torch.no_grad():
+        assert math.isnan(linear_cross_entropy(x.to(DEVICE), w.to(DEVICE), t.to(DEVICE)).item())
+
+
+def test_bad_inputs_are_refused():
+    x, w, b, t = (v.to(DEVICE) for v in inputs(SHAPES[0], torch.float32, True))
+    cases = [((x[:, :5], w, t), ValueError, "same D"),
+             ((x, w, t[:-1]), ValueError, "targets must be"),
+             ((x, w, t.int()), ValueError, "targets must be"),
+             ((x, w.half(), t), ValueError, "share one dtype"),
+             ((x, w, t, b[:-1]), ValueError, "bias must be"),
+             ((x, w, t, None, -100, 0), ValueError, "chunk must be"),
+             ((x.tolist(), w, t), TypeError, "must be tensors")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            linear_cross_entropy(*args)
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, t = (v.to(DEVICE) for v in inputs(SHAPES[0], torch.float32, True))
+    x.requires_grad_()
+    f = torch.compile(lambda x: linear_cross_entropy(x, w, t, b, chunk=8), fullgraph=True,
+                      backend="aot_eager")
+    loss = f(x)
+    loss.backward()
+    eager = x.detach().clone().requires_grad_()
+    expected = linear_cross_entropy(eager, w, t, b, chunk=8)
+    expected.backward()
+    assert loss.item() == expected.item() and torch.equal(x.grad, eager.grad)
