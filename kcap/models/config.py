@@ -26,6 +26,7 @@ from kcap.field_types import check_fields
 ARCHS = ("gpt2", "gpt2quarter", "gpt2nomlp", "gpt2moe", "llama", "llamaplain", "mistral")
 ATTN_IMPLS = ("auto", "torch", "triton")  # auto: triton on CUDA tensors, torch elsewhere
 MLP_IMPLS = ("auto", "torch", "triton")
+LOSS_IMPLS = ("auto", "torch", "triton")  # triton: kcap.kernels.linear_cross_entropy
 ROUTER_IMPLS = ("auto", "cpp", "torch")  # auto: C++ when built, for CPU tensors
 MLPS = ("gelu", "silu", "gated", "none")  # gated: SiLU-gated
 
@@ -55,6 +56,7 @@ class ModelConfig:
     router_impl: str = "auto"       # MoE router: auto (C++ when built, for CPU tensors) | cpp | torch
     attn_impl: str = "auto"
     mlp_impl: str = "auto"
+    loss_impl: str = "auto"         # LM head + loss: triton fuses them (no full logits)
     init_std: float = 0.02
 
     @property
@@ -102,10 +104,13 @@ class ModelConfig:
              f"router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
         need(self.mlp_impl in MLP_IMPLS,
              f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
+        need(self.loss_impl in LOSS_IMPLS,
+             f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
 
 
 def resolve_impl(impl: str, x) -> str:
-    """An attn_impl / mlp_impl for tensor x: 'auto' is triton on CUDA tensors, torch elsewhere."""
+    """An attn_impl / mlp_impl / loss_impl for tensor x: 'auto' is triton on CUDA tensors,
+    torch elsewhere."""
     if impl == "auto":
         return "triton" if x.is_cuda else "torch"
     return impl

@@ -131,6 +131,9 @@ class Transformer(nn.Module):
     """forward(ids (B, T) int64, targets (B, T) or None) -> (logits (B, T, V), loss or None).
 
     The loss is the mean cross-entropy over targets != -100, plus the MoE auxiliary loss.
+    With targets and ``loss_impl`` triton (the default on CUDA) the LM head and the loss are
+    one fused kernel (kcap.kernels.linear_cross_entropy) and the logits are never formed:
+    forward then returns (None, loss).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -167,11 +170,21 @@ class Transformer(nn.Module):
             x = x + self.wpe(torch.arange(T, device=ids.device))
         for block in self.blocks:
             x = block(x, self.cos, self.sin)
-        logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=-100)
+        h = self.norm_f(x)
+        fused = isinstance(self.lm_head, nn.Linear)  # not a quantized head
+        if targets is not None and fused and resolve_impl(self.cfg.loss_impl, h) == "triton":
+            from kcap.kernels import linear_cross_entropy
+
+            hidden, weight = under_autocast(h, self.lm_head.weight)
+            logits = None
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                        targets.reshape(-1), ignore_index=-100)
+        else:
+            logits = self.lm_head(h)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
         aux = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
         if aux:
             loss = loss + self.cfg.aux_loss_coef * torch.stack(aux).mean()

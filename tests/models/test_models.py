@@ -88,6 +88,7 @@ def test_parameter_report():
     ("gpt2-2-4", {"n_kv_head": 3}, "must divide n_head"),
     ("gpt2-2-4", {"rotary_fraction": 1.5}, "rotary_fraction"),
     ("gpt2-2-4", {"attn_impl": "cuda"}, "attn_impl"),
+    ("gpt2-2-4", {"loss_impl": "liger"}, "loss_impl must be one of"),
     ("gpt2-2-4", {"flash": True}, "unknown model options"),
     ("gpt2moe-2-4", {"top_k": 33}, "top_k"),
     ("gpt2-0-4", {}, "n_layer"),
