@@ -76,7 +76,7 @@ BAD = [
     ("", "device", '"gpu"', "device must be 'auto' or a torch device"),
     ("", "model", '"gpt3-1-1"', "model: unknown model name 'gpt3-1-1'"),
     ("", "model", '"gpt2-0-1"', "model: n_layer must be a positive integer"),
-    ("data", "kind", '"bioX"', "data.kind must be one of ('bioS', 'bioD'), got 'bioX'"),
+    ("data", "kind", '"bioX"', "data.kind must be one of ('bioS', 'bioD', 'bioR'), got 'bioX'"),
     ("data", "n", "0", "data.n must be >= 1"),
     ("data", "variant", '"multi0"', "data.variant: unknown bioS variant part 'multi0'"),
     ("data", "k", "0", "data.k must be >= 1"),
