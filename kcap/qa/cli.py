@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     qa.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     qa.add_argument("--epochs", type=int, default=_DEFAULTS.epochs,
                     help=f"passes over the fine-tuning half's pairs (default {_DEFAULTS.epochs})")
-    qa.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="QA pairs per step")
+    qa.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+                    help=f"QA pairs per step (default {_DEFAULTS.batch_size})")
     qa.add_argument("--test-people", type=int, default=_DEFAULTS.test_people,
                     help="held-out people asked (default 2000; 0: all of the test half)")
     qa.add_argument("--seed", type=int, default=_DEFAULTS.seed)

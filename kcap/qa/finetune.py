@@ -35,7 +35,7 @@ class QAConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 10             # passes over the fine-tuning half's pairs
-    batch_size: int = 32         # QA pairs per step
+    batch_size: int = 16         # QA pairs per step
     test_people: int | None = 2000  # people of the test half asked (None: all)
     seed: int = 0                # adapters' init, batch order, test sample
     log_every: int = 20
@@ -136,7 +136,8 @@ def _run(path, out: Path, cfg: QAConfig, device: str, progress: bool) -> dict:
     forward = lambda ids: model(ids)[0]  # noqa: E731
     model.eval()
     with autocast():  # what the model stores, on the people that will be tested
-        stored = person_losses(forward, ds, test, batch_size=16, window=run_cfg.window, device=dev)
+        stored = person_losses(forward, ds, test, batch_size=16, window=run_cfg.window, device=dev,
+                               progress=progress)
     torch.manual_seed(cfg.seed)
     adapted = add_lora(model, cfg.rank, cfg.alpha, cfg.where)
     train = encode_pairs(ds.tokenizer, qa_pairs(ds, tune, attributes), attributes)

@@ -20,7 +20,7 @@ PRETRAIN = TrainConfig(model="gpt2-2-2", data=DataConfig(n=N, variant="online+fu
                                                          qa_fraction=0.5),
                        exposures=30, window=256, batch_size=8, lr=5e-3, eval_sample=None,
                        log_every=50, checkpoint_every=10_000)
-QUICK = QAConfig(epochs=2, batch_size=16, log_every=5, checkpoint_every=10)
+QUICK = QAConfig(epochs=2, log_every=5, checkpoint_every=10)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def copy_run(run, dest):
 
 def test_mixed_pretraining_makes_held_out_people_extractable(pretrained, tmp_path):
     run = copy_run(pretrained, tmp_path / "run")
-    report = run_qa(run, QAConfig(batch_size=16), progress=False)
+    report = run_qa(run, QAConfig(), progress=False)
     assert report == json.loads((run / REPORT_NAME).read_text())
     assert report["people"] == {"fine_tuned": N // 2, "test_half": N - N // 2, "tested": N - N // 2}
     # Measured on the project machine: 35% exact match on the held-out half, 13-56% per
@@ -62,7 +62,7 @@ def test_a_model_that_never_saw_the_people_stays_at_chance(tmp_path):
     cfg = TrainConfig(model="gpt2-2-2", data=DataConfig(n=N, variant="online+fullname"), steps=1,
                       lr=1e-6, exposures=1, window=256, batch_size=8, eval_sample=None)
     train(cfg, run, progress=False)
-    report = run_qa(run, QAConfig(batch_size=16), progress=False)
+    report = run_qa(run, QAConfig(), progress=False)
     assert report["exact_match"] < 0.03, report["exact_match"]
     assert report["extractable_bits"] < 0.05 * report["stored"]["bits_max"]
 
