@@ -112,6 +112,8 @@ def _qa(job: RunJob, step: PostStep, out: Path) -> dict:
     opts = dict(step.options)
     if "where" in opts:
         opts["where"] = tuple(opts["where"])
+    elif job.run.config.model_options.get("n_experts") or job.run.config.model.startswith("gpt2moe"):
+        opts["where"] = ("q", "v")  # MoE experts are stacked tensors: no LoRA on them
     report = run_qa(job.run_dir, QAConfig(**opts, test_people=job.run.config.eval_sample),
                     device=_device(job), progress=False)
     n_params = report["extractable"]["n_params"]
