@@ -186,6 +186,12 @@ def _mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, w_down: torc
     else:
         h, du, _ = _launch(BWD_ACT, dy, w_down, None, None, None, g, None, n, act == "gelu", False)
         dg = None
+    return _input_and_weight_grads(dy, x, w_up, w_gate, h, dg, du, has_bias)
+
+
+def _input_and_weight_grads(dy, x, w_up, w_gate, h, dg, du, has_bias) -> list[torch.Tensor]:
+    """[dx, dW_up, dW_down, (dW_gate), (db_up, db_down, (db_gate))] on cuBLAS, from the
+    elementwise gradients dg (None without a gate), du and the hidden h."""
     dx = du @ w_up
     grads = [dx, du.t() @ x, dy.t() @ h]  # dx, dW_up, dW_down
     if dg is not None:
@@ -215,19 +221,23 @@ def _setup(ctx, inputs, output):
     ctx.act, ctx.has_bias = act, b_up is not None
 
 
-def _backward(ctx, dy, _dg, _du):
-    x, w_up, w_down, w_gate, g, u = ctx.saved_tensors
-    grads = iter(_mlp_bwd(dy, x, w_up, w_down, w_gate, g, u, ctx.act, ctx.has_bias))
-    dx, dw_up, dw_down = next(grads), next(grads), next(grads)
-    dw_gate = next(grads) if w_gate is not None else None
-    db_up = db_down = db_gate = None
-    if ctx.has_bias:
-        db_up, db_down = next(grads), next(grads)
-        db_gate = next(grads) if w_gate is not None else None
-    return dx, dw_up, dw_down, dw_gate, db_up, db_down, db_gate, None
+def _backward_of(bwd_op):
+    """The autograd backward of a forward op whose saved tensors ``_setup`` keeps, through
+    ``bwd_op`` (same arguments as _mlp_bwd)."""
+    def backward(ctx, dy, _dg, _du):
+        x, w_up, w_down, w_gate, g, u = ctx.saved_tensors
+        grads = iter(bwd_op(dy, x, w_up, w_down, w_gate, g, u, ctx.act, ctx.has_bias))
+        dx, dw_up, dw_down = next(grads), next(grads), next(grads)
+        dw_gate = next(grads) if w_gate is not None else None
+        db_up = db_down = db_gate = None
+        if ctx.has_bias:
+            db_up, db_down = next(grads), next(grads)
+            db_gate = next(grads) if w_gate is not None else None
+        return dx, dw_up, dw_down, dw_gate, db_up, db_down, db_gate, None
+    return backward
 
 
-_mlp_fwd.register_autograd(_backward, setup_context=_setup)
+_mlp_fwd.register_autograd(_backward_of(_mlp_bwd), setup_context=_setup)
 
 
 # --- public API -------------------------------------------------------------------------------

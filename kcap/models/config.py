@@ -25,7 +25,7 @@ from kcap.field_types import check_fields
 
 ARCHS = ("gpt2", "gpt2quarter", "gpt2nomlp", "gpt2moe", "llama", "llamaplain", "mistral")
 ATTN_IMPLS = ("auto", "torch", "triton")  # auto: triton on CUDA tensors, torch elsewhere
-MLP_IMPLS = ("auto", "torch", "triton")
+MLP_IMPLS = ("auto", "torch", "triton", "split")  # split: cuBLAS + an elementwise kernel
 LOSS_IMPLS = ("auto", "torch", "triton")  # triton: kcap.kernels.linear_cross_entropy
 ROUTER_IMPLS = ("auto", "cpp", "torch")  # auto: C++ when built, for CPU tensors
 MLPS = ("gelu", "silu", "gated", "none")  # gated: SiLU-gated

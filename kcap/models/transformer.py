@@ -37,19 +37,30 @@ def torch_mlp(mlp: "MLP", x):
     return mlp.down(act(mlp.up(x)))
 
 
+def _kernel_mlp(kernel, mlp: "MLP", x):
+    gated = mlp.kind == "gated"
+    args = under_autocast(x, mlp.up.weight, mlp.down.weight, mlp.gate.weight if gated else None,
+                          mlp.up.bias, mlp.down.bias, mlp.gate.bias if gated else None)
+    return kernel(*args, act="gelu" if mlp.kind == "gelu" else "silu")
+
+
 def triton_mlp(mlp: "MLP", x):
     """kcap.kernels.fused_mlp: the activation inside the matmul epilogues."""
     from kcap.kernels import fused_mlp
 
-    gated = mlp.kind == "gated"
-    args = under_autocast(x, mlp.up.weight, mlp.down.weight, mlp.gate.weight if gated else None,
-                          mlp.up.bias, mlp.down.bias, mlp.gate.bias if gated else None)
-    return fused_mlp(*args, act="gelu" if mlp.kind == "gelu" else "silu")
+    return _kernel_mlp(fused_mlp, mlp, x)
+
+
+def split_mlp(mlp: "MLP", x):
+    """kcap.kernels.split_mlp: cuBLAS matmuls around one elementwise activation kernel."""
+    from kcap.kernels import split_mlp
+
+    return _kernel_mlp(split_mlp, mlp, x)
 
 
 # The dispatch points: implementation name -> function.
 ATTENTION = {"torch": torch_attention, "triton": triton_attention}
-MLP_FORWARD = {"torch": torch_mlp, "triton": triton_mlp}
+MLP_FORWARD = {"torch": torch_mlp, "triton": triton_mlp, "split": split_mlp}
 
 
 def rotary_tables(context: int, dims: int, base: float):

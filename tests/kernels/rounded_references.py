@@ -16,7 +16,8 @@ storage dtype, so ``p.cast`` is exact):
   with qk_scale = scale * log2(e) as the kernels compute it; delta from the stored O.
 - fused MLP: the pre-activations g, u (a) and the hidden h are stored in the input dtype,
   then y = h W_down^T + b_down; backward dh = dy W_down, dg, du (da) stored, then cuBLAS
-  matmuls for dx, the weight gradients and bias sums.
+  matmuls for dx, the weight gradients and bias sums. The split MLP (cuBLAS GEMMs around
+  an elementwise kernel) rounds the same, and also stores dh (``round_dh``).
 - grouped GEMM: each row's product with its expert's weight plus bias, dx = dy W^T, and
   dW[e] summed over the rows of expert e in order; bias gradients summed in fp32.
 - quantized matmul: int codes (minus zero point) times x summed in fp32, scaled per output
@@ -105,12 +106,15 @@ def _act_grad(a, gelu: bool, p: Precision):
     return s * (1 + a * (1 - s))
 
 
-def mlp(x, weights: dict, act: str, dy, p: Precision, magnitudes: bool = False):
+def mlp(x, weights: dict, act: str, dy, p: Precision, magnitudes: bool = False,
+        round_dh: bool = False):
     """fused_mlp's output y and gradients {y, x, w_up, w_down[, w_gate][, b_up, b_down
     [, b_gate]]} (gradient keys are the parameter names, as in the tests).
 
     x (M, K), w_up/w_gate (N, K), w_down (D, N), biases (N,)/(D,), dy (M, D), all in the
-    storage dtype; act "silu" or "gelu" (the gated MLP is silu)."""
+    storage dtype; act "silu" or "gelu" (the gated MLP is silu). ``round_dh``: dh = dy W_down
+    is stored in the input dtype before the activation's backward (split_mlp's cuBLAS
+    matmul), where fused_mlp keeps it in fp32."""
     x, dy = p.cast(x), p.cast(dy)
     w = {name: p.cast(t) for name, t in weights.items()}
     gated, gelu, bias = "w_gate" in w, act == "gelu", "b_up" in w
@@ -123,6 +127,8 @@ def mlp(x, weights: dict, act: str, dy, p: Precision, magnitudes: bool = False):
         h = p.round(_act(up, gelu, p))
     y = p.round(biased(p.matmul(h, w["w_down"].t()), "b_down"))
     dh = p.matmul(dy, w["w_down"])
+    if round_dh:
+        dh = p.round(dh)
     if gated:
         dgate = p.round((dh * up) * _act_grad(gate, False, p))
         dup = p.round(dh * _act(gate, False, p))

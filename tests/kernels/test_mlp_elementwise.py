@@ -1,0 +1,100 @@
+"""split_mlp (cuBLAS GEMMs around one elementwise Triton kernel) against its exact (fp64)
+reference under the error rule of precision.py, with dh rounded where split_mlp stores it;
+broken variants the rule must reject; agreement with fused_mlp; no graph break."""
+import pytest
+import torch
+
+from kcap.kernels import fused_mlp, split_mlp
+from kcap.kernels.runtime import INTERPRET
+
+from . import rounded_references as R
+from .precision import EXACT, assert_within_rule, at, margins
+from .test_gated_mlp import KINDS, SHAPES, _grads, _output_grad, _params
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def _references(x, w, act, dy):
+    exact, magnitudes = R.mlp(x, w, act, dy, EXACT, magnitudes=True)
+    return exact, R.mlp(x, w, act, dy, at(x.dtype), round_dh=True), magnitudes
+
+
+def _check(shape, kind, bias, dtype):
+    x, w, act = _params(shape, kind, bias, dtype)
+    dy = _output_grad(shape, dtype)
+    got = _grads(split_mlp, x, w, act, dy)
+    for name, t in got.items():
+        assert t.dtype == dtype, name
+    assert_within_rule(got, *_references(x, w, act, dy))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_matches_reference(shape, kind, bias, dtype):
+    _check(shape, kind, bias, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 is only right on a GPU")
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 768, 2048, 768)], ids=str)
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+def test_matches_reference_bf16_gpu(shape, kind, bias):
+    _check(shape, kind, bias, torch.bfloat16)
+
+
+def _silu_for_gelu(x, w, act, dy):
+    return _grads(split_mlp, x, w, "silu", dy)
+
+
+def _gate_ignored(x, w, act, dy):
+    ones = {**w, "w_gate": torch.zeros_like(w["w_gate"]), "b_gate": torch.zeros_like(w["b_gate"])}
+    return _grads(split_mlp, x, ones, act, dy)
+
+
+@pytest.mark.parametrize("kind, bug", [("gelu", _silu_for_gelu), ("gated", _gate_ignored)],
+                         ids=["silu_for_gelu", "gate_zeroed"])
+def test_rule_rejects_broken_kernel(kind, bug):
+    x, w, act = _params((37, 48, 100, 40), kind, True, torch.float32)
+    dy = _output_grad((37, 48, 100, 40), torch.float32)
+    found = margins(bug(x, w, act, dy), *_references(x, w, act, dy))
+    assert max(found.values()) > 1, found
+
+
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+def test_agrees_with_the_epilogue_kernel(kind, bias):
+    """Both designs compute one MLP: in fp32 they differ only by summation order."""
+    x, w, act = _params((37, 48, 100, 40), kind, bias, torch.float32)
+    dy = _output_grad((37, 48, 100, 40), torch.float32)
+    split, fused = _grads(split_mlp, x, w, act, dy), _grads(fused_mlp, x, w, act, dy)
+    for name in fused:
+        torch.testing.assert_close(split[name], fused[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torch_compile_fullgraph_and_leading_dims():
+    x, w, act = _params((9, 32, 40, 32), "gated", True, torch.float32)
+    x = x.reshape(3, 3, 32).requires_grad_()
+    f = torch.compile(lambda x: split_mlp(x, **w, act=act).sum(), fullgraph=True, backend="aot_eager")
+    out = f(x)
+    out.backward()
+    torch.testing.assert_close(out, split_mlp(x.detach(), **w, act=act).sum())
+
+
+@pytest.mark.parametrize("name", ["gpt2-1-2", "llama-1-2"])
+def test_models_compute_the_same_with_the_split_mlp(name):
+    from kcap.models import build_model
+
+    device = "cuda" if CUDA else "cpu"
+    out = {}
+    for impl in ("torch", "split"):
+        torch.manual_seed(0)
+        model = build_model(name, 97, context=32, mlp_impl=impl, attn_impl="torch",
+                            loss_impl="torch").to(device)
+        ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        out[impl] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    # fp32: the two differ by summation order only
+    assert out["split"][0].item() == pytest.approx(out["torch"][0].item(), rel=1e-6)
+    for n, g in out["torch"][1].items():
+        torch.testing.assert_close(out["split"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
