@@ -38,7 +38,7 @@ if [ "$stage" = tests ]; then
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
 elif [ "$stage" = bench ]; then
   subjects=("$@")
-  [ "${subjects[0]:-all}" = all ] && subjects=(attention mlp quant_matmul moe train pack cross_entropy)
+  [ "${subjects[0]:-all}" = all ] && subjects=(profile attention mlp quant_matmul moe train pack cross_entropy)
   for subject in "${subjects[@]}"; do
     python3 -m bench "$subject" 2>&1 | tee "$LOGS/bench-$subject.log"
   done
