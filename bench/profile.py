@@ -47,7 +47,12 @@ def run(quick: bool = False) -> Path:
         wall = time.perf_counter() - start
     averages = prof.key_averages()
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
-    busy_us = sum(getattr(e, key, 0) for e in averages) if gpu else None
+    busy_us = None
+    if gpu:  # device-side events only (kernels, copies): summing the ops would count twice
+        from torch.autograd import DeviceType
+
+        busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                      if e.device_type == DeviceType.CUDA)
     env = environment()
     lines = [f"# profile of the solo training loop ({'GPU' if gpu else 'CPU'} demo model)", "",
              f"- device: {env['device']} ({env['cpu_count']} CPUs)",
@@ -62,6 +67,8 @@ def run(quick: bool = False) -> Path:
         lines.append(f"- device busy: {busy_us / 1e3:.1f} ms in all, {busy_us / steps / 1e3:.2f} "
                      "ms per step: the rest of each step is host work or waiting")
     lines += ["", "```", averages.table(sort_by=key, row_limit=ROWS), "```", ""]
+    # on a GPU the rows are kernels and the CPU ops that launched them; sorting by device
+    # time puts the kernels that fill the step first
     path = RESULTS / f"profile-{'gpu' if gpu else 'cpu'}-{env['date'][:10]}.md"
     write_text(path, "\n".join(lines))
     print("\n".join(lines[:10]))
