@@ -66,9 +66,9 @@ def run(quick: bool = False) -> Path:
     if busy_us is not None:
         lines.append(f"- device busy: {busy_us / 1e3:.1f} ms in all, {busy_us / steps / 1e3:.2f} "
                      "ms per step: the rest of each step is host work or waiting")
-    lines += ["", "```", averages.table(sort_by=key, row_limit=ROWS), "```", ""]
     # on a GPU the rows are kernels and the CPU ops that launched them; sorting by device
     # time puts the kernels that fill the step first
+    lines += ["", "```", averages.table(sort_by=key, row_limit=ROWS), "```", ""]
     path = RESULTS / f"profile-{'gpu' if gpu else 'cpu'}-{env['date'][:10]}.md"
     write_text(path, "\n".join(lines))
     print("\n".join(lines[:10]))
