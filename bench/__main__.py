@@ -2,7 +2,7 @@
 import argparse
 
 SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack",
-            "cross_entropy", "profile")
+            "cross_entropy", "profile", "registers")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)
@@ -31,6 +31,9 @@ elif args.subject == "moe":
 elif args.subject == "train":
     from bench import train
     train.run(quick=args.quick)
+elif args.subject == "registers":
+    from bench import registers
+    registers.run(quick=args.quick)
 elif args.subject == "profile":
     from bench import profile
     profile.run(quick=args.quick)

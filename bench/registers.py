@@ -1,0 +1,162 @@
+"""Registers, spills and shared memory of every kernel and autotuning candidate on sm_90,
+compiled on a machine without a GPU (issue 16: look before spending device time).
+
+Triton compiles to a cubin for any target offline (ptxas ships in its wheel); ``ptxas -v``
+on the PTX then reports registers per thread, spill stores and loads, and the cubin's
+shared memory. A candidate that spills, needs more than the 255 registers a thread can
+have, or more shared memory than an H100 block may use (227 KB) is flagged: it will be slow
+or fail to launch, whatever its tile shapes promise. Kernels are compiled in bf16 at the
+paper's head dim 64 (and 128), with every constexpr variant the wrappers launch.
+
+Writes bench/results/registers-sm90-<date>.md. Needs no GPU; about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench.harness import RESULTS, Stages, environment
+
+SHARED_LIMIT = 227 * 1024  # the H100's largest dynamic shared memory per block
+TARGET = ("cuda", 90, 32)
+
+
+def _kernels():
+    """(label, kernel, {arg: type}, {constexpr: value}) of every launch variant: types are
+    Triton's signature strings; args not named are i32 (sizes and strides)."""
+    from kcap.kernels import attention as A
+    from kcap.kernels import cross_entropy as C
+    from kcap.kernels import gated_mlp as G
+    from kcap.kernels import grouped_gemm as GG
+    from kcap.kernels import mlp_elementwise as E
+    from kcap.kernels import quant_matmul as Q
+
+    bf, f32 = "*bf16", "*fp32"
+    out = []
+    for d in (64, 128):
+        for causal in (True, False):
+            tag = f"D={d} {'causal' if causal else 'full'}"
+            out.append((f"attention forward {tag}", A._fwd_kernel,
+                        {"Q": bf, "K": bf, "V": bf, "O": bf, "LSE": f32, "qk_scale": "fp32"},
+                        {"HEAD_DIM": d, "CAUSAL": causal, "DOT": "tf32"}))
+            grads = {"Q": bf, "K": bf, "V": bf, "DO": bf, "LSE": f32, "DELTA": f32,
+                     "qk_scale": "fp32", "scale": "fp32"}
+            out.append((f"attention backward dK dV {tag}", A._bwd_dkdv_kernel,
+                        {**grads, "DK": bf, "DV": bf}, {"HEAD_DIM": d, "CAUSAL": causal, "DOT": "tf32"}))
+            out.append((f"attention backward dQ {tag}", A._bwd_dq_kernel, {**grads, "DQ": bf},
+                        {"HEAD_DIM": d, "CAUSAL": causal, "DOT": "tf32"}))
+        out.append((f"attention backward delta D={d}", A._bwd_delta_kernel,
+                    {"O": bf, "DO": bf, "DELTA": f32}, {"HEAD_DIM": d, "BLOCK_M": 64}))
+    gemm_ptrs = {name: bf for name in ("A", "B1", "B2", "BIAS1", "BIAS2", "P1", "P2", "OUT", "OUT1",
+                                       "OUT2")}
+    for mode, name in enumerate(("forward gated", "forward act", "backward gated", "backward act")):
+        out.append((f"fused MLP GEMM {name}", G._epilogue_gemm, gemm_ptrs,
+                    {"MODE": mode, "GELU": mode in (1, 3), "HAS_BIAS": mode < 2, "DOT": "tf32"}))
+    for gated, backward in ((True, False), (True, True), (False, False), (False, True)):
+        out.append((f"split MLP elementwise {'gated' if gated else 'gelu'} "
+                    f"{'backward' if backward else 'forward'}", E._activation,
+                    {name: bf for name in ("G", "U", "DH", "H", "DG", "DU")},
+                    {"GATED": gated, "GELU": not gated, "BACKWARD": backward, "BLOCK": E.BLOCK}))
+    for block_v in (4096,):
+        out.append((f"linear cross-entropy rows (BLOCK_V={block_v})", C._ce_rows,
+                    {"logits_ptr": bf, "targets_ptr": "*i64", "loss_ptr": f32, "inv_n_ptr": f32},
+                    {"BLOCK_V": block_v, "WRITE_GRAD": True}))
+    out.append(("MoE grouped GEMM", GG._grouped_mm,
+                {"X": bf, "W": bf, "BIAS": bf, "BLOCK_EXPERT": "*i64", "Y": bf},
+                {"HAS_BIAS": True, "BLOCK_M": 64, "DOT": "tf32"}))
+    out.append(("MoE grouped weight gradient", GG._grouped_wgrad,
+                {"X": bf, "DY": bf, "SEG": "*i64", "DW": bf}, {"BLOCK_M": 64, "DOT": "tf32"}))
+    for bits, group in ((8, 0), (4, 128)):
+        w = "*i8" if bits == 8 else "*u8"
+        ptrs = {"X": bf, "W": w, "S": f32, "Z": "*u8", "BIAS": bf}
+        for split in (True, False):
+            out.append((f"W{bits}A16 small M{' split-K' if split else ''}", Q._wq_small,
+                        {**ptrs, "OUT": f32 if split else bf},
+                        {"BITS": bits, "GROUP": group, "SPLIT": split, "HAS_BIAS": False,
+                         "BLOCK_K": group if bits == 4 else 64, "DOT": "tf32"}))
+        out.append((f"W{bits}A16 large M", Q._wq_large, {**ptrs, "OUT": bf},
+                    {"BITS": bits, "GROUP": group, "SPLIT": False, "HAS_BIAS": False,
+                     "BLOCK_K": group if bits == 4 else 64, "DOT": "tf32"}))
+    return out
+
+
+def _candidates(kernel):
+    """(jit function, [(label, constexprs, num_warps, num_stages)]) of a kernel: each
+    autotuning config, or the launch default (4 warps, 3 stages... as Triton's)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        return kernel.fn, [(" ".join(f"{k}={v}" for k, v in c.kwargs.items()), dict(c.kwargs),
+                            c.num_warps, c.num_stages) for c in kernel.configs]
+    return kernel, [("default", {}, 4, 3)]
+
+
+def _compile(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict:
+    """{regs, spill_stores, spill_loads, shared} of one compiled variant (ptxas -v)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {}
+    for p in fn.params:
+        signature[p.name] = "constexpr" if p.is_constexpr else types.get(p.name, "i32")
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget(*TARGET),
+                              options={"num_warps": warps, "num_stages": stages})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
+                                 os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
+                                check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                       report).groups())
+    return {"regs": regs, "spill_stores": stores, "spill_loads": loads,
+            "shared": int(getattr(compiled.metadata, "shared", 0))}
+
+
+def run(quick: bool = False) -> Path:
+    from kcap.atomic import write_text
+
+    kernels = _kernels()
+    if quick:
+        kernels = kernels[:3]
+    rows, flagged = [], 0
+    stages = Stages("registers", len(kernels))
+    for label, kernel, types, constexprs in kernels:
+        fn, candidates = _candidates(kernel)
+        stages.start(f"{label}: {len(candidates)} candidate(s)")
+        for cand, extra, warps, num_stages in candidates:
+            try:
+                r = _compile(fn, types, {**constexprs, **extra}, warps, num_stages)
+            except Exception as err:  # a candidate that cannot compile is itself a finding
+                rows.append(f"| {label} | {cand} | {warps} / {num_stages} | - | - | - | "
+                            f"**does not compile**: {' '.join(str(err).split())[:120]} |")
+                flagged += 1
+                continue
+            problems = [p for p, bad in (("spills", r["spill_stores"] or r["spill_loads"]),
+                                         ("> 255 registers", r["regs"] > 255),
+                                         ("shared memory over 227 KB", r["shared"] > SHARED_LIMIT))
+                        if bad]
+            flagged += bool(problems)
+            rows.append(f"| {label} | {cand} | {warps} / {num_stages} | {r['regs']} | "
+                        f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | "
+                        f"{'**' + ', '.join(problems) + '**' if problems else 'ok'} |")
+    stages.finish()
+    env = environment()
+    lines = ["# registers, spills and shared memory on sm_90 (compiled offline)", "",
+             f"- compiled on: {env['cpu']} (no GPU), target sm_90a",
+             f"- versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}",
+             f"- date: {env['date']}, commit {env['git_commit']}", f"- command: `{env['command']}`",
+             f"- {len(rows)} variants, {flagged} flagged (spills, > 255 registers, shared memory "
+             "over 227 KB, or not compiling)", "",
+             "| kernel | candidate | warps / stages | registers | spill bytes (st / ld) | "
+             "shared KB | verdict |", "|---|---|---|---|---|---|---|", *rows, ""]
+    path = RESULTS / f"registers-sm90-{env['date'][:10]}.md"
+    write_text(path, "\n".join(lines))
+    print("\n".join(lines))
+    return path
