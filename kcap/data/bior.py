@@ -38,7 +38,7 @@ from kcap.data.arguments import check_int, check_people
 from kcap.data.bios import BioS, BioSConfig
 from kcap.data.labels import NAME, SPECIAL, TEXT, VALUE, TokenLabels
 from kcap.data.pools import N_FULL_NAMES
-from kcap.data.token_table import Rendered
+from kcap.data.token_table import Rendered, ragged_arange
 from kcap.data.tokenizer import EOS_ID
 
 FORMAT, VERSION = "kcap-bior", 1
@@ -208,10 +208,7 @@ class BioR:
         persons, exposures = check_people(persons, exposures, self.n_people)
         rows = self._rows(persons, exposures)
         lengths = self._lengths[rows]
-        ends = np.cumsum(lengths)
-        # one gather: output position i of row j reads offsets[j] + (i - start of j's output)
-        index = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
-        index += np.repeat(self._offsets[rows] - (ends - lengths), lengths)
+        index = ragged_arange(self._offsets[rows], lengths)
         tokens = self._tokens[index]
         if not labels:
             return Rendered(tokens, lengths)

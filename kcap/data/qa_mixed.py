@@ -18,7 +18,7 @@ import numpy as np
 from kcap.data.labels import TEXT, TokenLabels
 from kcap.data.memory_budget import check_memory
 from kcap.data.qa import QA_KINDS, encode_qa, mixed_people, qa_pairs
-from kcap.data.token_table import Rendered
+from kcap.data.token_table import Rendered, ragged_arange
 from kcap.data.tokenizer import EOS_ID
 
 _BLOCK_PEOPLE = 4096  # QA blocks are built for this many people at a time
@@ -98,11 +98,11 @@ class QAMixed:
         out_len = r.lengths + extra
         out_end = np.cumsum(out_len)
         out = np.empty(int(out_end[-1]), np.int32)
-        bio_pos = _ranges(out_end - out_len, r.lengths)
+        bio_pos = ragged_arange(out_end - out_len, r.lengths)
         out[bio_pos] = r.tokens
         mixed = at >= 0
-        block_dst = _ranges((out_end - extra)[mixed], extra[mixed])
-        block_src = _ranges(offsets[at[mixed]], extra[mixed])
+        block_dst = ragged_arange((out_end - extra)[mixed], extra[mixed])
+        block_src = ragged_arange(offsets[at[mixed]], extra[mixed])
         out[block_dst] = tokens[block_src]
         if not labels:
             return Rendered(out, out_len)
@@ -133,12 +133,3 @@ class QAMixed:
         r = self.render(np.array([person]), np.array([exposure]))
         return self.tokenizer.decode(r.tokens)
 
-
-def _ranges(starts, lengths) -> np.ndarray:
-    """Concatenated aranges [s, s + l) for each (s, l): int64 (sum(lengths),)."""
-    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
-    total = int(lengths.sum())
-    if not total:
-        return np.empty(0, np.int64)
-    first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return first + np.arange(total, dtype=np.int64)

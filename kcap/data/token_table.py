@@ -74,11 +74,17 @@ class TokenTable:
         """
         flat = entries.reshape(-1)
         slot_lengths = self.lengths[flat]
-        ends = np.cumsum(slot_lengths)
-        total = int(ends[-1]) if len(ends) else 0
-        shift = np.repeat(self.offsets[flat] - (ends - slot_lengths), slot_lengths)
-        index = np.arange(total, dtype=np.int64) + shift
+        index = ragged_arange(self.offsets[flat], slot_lengths)
         return index, slot_lengths.reshape(entries.shape).sum(axis=1), slot_lengths
+
+
+def ragged_arange(starts, lengths) -> np.ndarray:
+    """The aranges [s, s + l) of each (start, length), concatenated: int64 (sum(lengths),).
+    One gather index for many ragged slices of a flat array, without a Python loop."""
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
 
 
 def add_name_rows(table: TokenTable, tokenizer, pools) -> list[int]:
