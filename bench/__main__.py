@@ -1,5 +1,6 @@
 """python -m bench <subject> [--quick]"""
 import argparse
+import importlib
 
 SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack",
             "cross_entropy", "profile", "registers")
@@ -10,36 +11,7 @@ parser.add_argument("--quick", action="store_true", help="small sizes, for a smo
 parser.add_argument("--full", action="store_true", help="pack: M = 64 too on the CPU")
 parser.add_argument("--run", help="quantization: an existing run folder instead of training one")
 args = parser.parse_args()
-if args.subject == "data":
-    from bench import data
-    data.run(quick=args.quick)
-elif args.subject == "attention":
-    from bench import attention
-    attention.run(quick=args.quick)
-elif args.subject == "mlp":
-    from bench import mlp
-    mlp.run(quick=args.quick)
-elif args.subject == "quant_matmul":
-    from bench import quant_matmul
-    quant_matmul.run(quick=args.quick)
-elif args.subject == "quantization":
-    from bench import quantization
-    quantization.run(args.run)
-elif args.subject == "moe":
-    from bench import moe
-    moe.run(quick=args.quick)
-elif args.subject == "train":
-    from bench import train
-    train.run(quick=args.quick)
-elif args.subject == "registers":
-    from bench import registers
-    registers.run(quick=args.quick)
-elif args.subject == "profile":
-    from bench import profile
-    profile.run(quick=args.quick)
-elif args.subject == "cross_entropy":
-    from bench import cross_entropy
-    cross_entropy.run(quick=args.quick)
-elif args.subject == "pack":
-    from bench import pack
-    pack.run(quick=args.quick, full=args.full)
+# each subject is bench/<subject>.py with a run(); two take other options than --quick
+options = {"quantization": {"run_dir": args.run}, "pack": {"quick": args.quick, "full": args.full}}
+subject = importlib.import_module(f"bench.{args.subject}")
+subject.run(**options.get(args.subject, {"quick": args.quick}))

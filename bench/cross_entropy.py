@@ -12,7 +12,7 @@ check, not a speed figure).
 """
 from __future__ import annotations
 
-from bench.harness import Stages, kernel_device, save
+from bench.harness import Stages, kernel_device, peak_memory_mib, save
 
 
 def _liger():
@@ -59,24 +59,18 @@ def run(quick: bool = False) -> None:
             def step(fn=fn):
                 torch.autograd.grad(fn(x, w, t), [x, w])
 
+            row = {"case": case, "kernel": "linear_cross_entropy", "provider": provider,
+                   "shape": [tokens, d, vocab], "dtype": str(dtype), "unit": "TFLOP/s"}
             try:
                 seconds = timer(step)
             except torch.OutOfMemoryError:
-                rows.append({"case": case, "kernel": "linear_cross_entropy", "provider": provider,
-                             "shape": [tokens, d, vocab], "dtype": str(dtype), "median_s": float("nan"),
-                             "throughput": float("nan"), "unit": "TFLOP/s", "note": "out of memory"})
+                rows.append({**row, "median_s": float("nan"), "throughput": float("nan"),
+                             "note": "out of memory"})
                 torch.cuda.empty_cache()
                 continue
-            row = {"case": case, "kernel": "linear_cross_entropy", "provider": provider,
-                   "shape": [tokens, d, vocab], "dtype": str(dtype), "median_s": seconds,
-                   "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"}
+            row.update(median_s=seconds, throughput=flops / seconds / 1e12)
             if gpu:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                row["peak_memory_mib"] = peak_memory_mib(step)
             rows.append(row)
     stages.finish()
     save("cross_entropy", rows, baseline="eager torch")

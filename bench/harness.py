@@ -127,6 +127,19 @@ def time_gpu(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
 
 
+def peak_memory_mib(step) -> float:
+    """MiB a call of ``step()`` allocates on the GPU at its peak, above what was allocated
+    before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
     """A table of the rows with each one's ratio against the baseline provider."""
     base = {r["case"]: r["throughput"] for r in rows if r["provider"] == baseline}

@@ -10,7 +10,7 @@ times an interpreter-sized case on the CPU (a harness check, not a speed figure)
 """
 from __future__ import annotations
 
-from bench.harness import Stages, kernel_device, save
+from bench.harness import Stages, kernel_device, peak_memory_mib, save
 
 
 def run(quick: bool = False) -> None:
@@ -58,12 +58,7 @@ def run(quick: bool = False) -> None:
                    "gated": gated, "dtype": str(dtype), "median_s": seconds,
                    "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"}
             if gpu:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                row["peak_memory_mib"] = peak_memory_mib(step)
             rows.append(row)
     stages.finish()
     save("mlp", rows, baseline="eager torch")
