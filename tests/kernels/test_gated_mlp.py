@@ -49,19 +49,21 @@ def _grads(fn, x, w, act, dy):
     return {"y": y.detach(), **dict(zip(names, grads))}
 
 
-def _references(x, w, act, dy):
-    """(exact, model, magnitudes) of the error rule for these inputs."""
+def _references(x, w, act, dy, round_dh=False):
+    """(exact, model, magnitudes) of the error rule for these inputs (``round_dh``: the
+    model of split_mlp, which stores dh; see rounded_references.mlp)."""
     exact, magnitudes = R.mlp(x, w, act, dy, EXACT, magnitudes=True)
-    return exact, R.mlp(x, w, act, dy, at(x.dtype)), magnitudes
+    return exact, R.mlp(x, w, act, dy, at(x.dtype), round_dh=round_dh), magnitudes
 
 
-def _check(shape, kind, bias, dtype):
+def _check(shape, kind, bias, dtype, kernel=fused_mlp, round_dh=False):
+    """``kernel`` (fused_mlp or split_mlp) within the rule on these inputs."""
     x, w, act = _params(shape, kind, bias, dtype)
     dy = _output_grad(shape, dtype)
-    got = _grads(fused_mlp, x, w, act, dy)
+    got = _grads(kernel, x, w, act, dy)
     for name, t in got.items():
         assert t.dtype == dtype, name
-    assert_within_rule(got, *_references(x, w, act, dy))
+    assert_within_rule(got, *_references(x, w, act, dy, round_dh))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

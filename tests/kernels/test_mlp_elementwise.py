@@ -7,8 +7,9 @@ import torch
 from kcap.kernels import fused_mlp, split_mlp
 from kcap.kernels.runtime import INTERPRET
 
-from . import rounded_references as R
-from .precision import EXACT, assert_within_rule, at, margins
+from . import test_gated_mlp as gated
+from .model_paths import VOCAB, assert_same_in_fp32, loss_and_grads
+from .precision import margins
 from .test_gated_mlp import KINDS, SHAPES, _grads, _output_grad, _params
 
 CUDA = torch.cuda.is_available()
@@ -16,17 +17,11 @@ pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a GPU or 
 
 
 def _references(x, w, act, dy):
-    exact, magnitudes = R.mlp(x, w, act, dy, EXACT, magnitudes=True)
-    return exact, R.mlp(x, w, act, dy, at(x.dtype), round_dh=True), magnitudes
+    return gated._references(x, w, act, dy, round_dh=True)
 
 
 def _check(shape, kind, bias, dtype):
-    x, w, act = _params(shape, kind, bias, dtype)
-    dy = _output_grad(shape, dtype)
-    got = _grads(split_mlp, x, w, act, dy)
-    for name, t in got.items():
-        assert t.dtype == dtype, name
-    assert_within_rule(got, *_references(x, w, act, dy))
+    gated._check(shape, kind, bias, dtype, kernel=split_mlp, round_dh=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -82,19 +77,8 @@ def test_torch_compile_fullgraph_and_leading_dims():
 
 @pytest.mark.parametrize("name", ["gpt2-1-2", "llama-1-2"])
 def test_models_compute_the_same_with_the_split_mlp(name):
-    from kcap.models import build_model
-
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
     device = "cuda" if CUDA else "cpu"
-    out = {}
-    for impl in ("torch", "split"):
-        torch.manual_seed(0)
-        model = build_model(name, 97, context=32, mlp_impl=impl, attn_impl="torch",
-                            loss_impl="torch").to(device)
-        ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        out[impl] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-    # fp32: the two differ by summation order only
-    assert out["split"][0].item() == pytest.approx(out["torch"][0].item(), rel=1e-6)
-    for n, g in out["torch"][1].items():
-        torch.testing.assert_close(out["split"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    runs = {impl: loss_and_grads(name, ids[:, :-1], ids[:, 1:], device, mlp_impl=impl)
+            for impl in ("torch", "split")}
+    assert_same_in_fp32(runs["split"][1:], runs["torch"][1:])
