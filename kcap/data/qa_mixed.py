@@ -18,6 +18,7 @@ import numpy as np
 from kcap.data.labels import TEXT, TokenLabels
 from kcap.data.memory_budget import check_memory
 from kcap.data.qa import QA_KINDS, encode_qa, mixed_people, qa_pairs
+from kcap.data.templates import ATTRIBUTES
 from kcap.data.token_table import Rendered, ragged_arange
 from kcap.data.tokenizer import EOS_ID
 
@@ -55,7 +56,7 @@ class QAMixed:
             parts, lengths = [], []
             for lo in range(0, len(self.people), _BLOCK_PEOPLE):
                 pairs = qa_pairs(self.base, self.people[lo:lo + _BLOCK_PEOPLE])
-                per = len(pairs) // max(1, min(_BLOCK_PEOPLE, len(self.people) - lo))
+                per = len(ATTRIBUTES)  # person-major: one pair per attribute
                 for i in range(0, len(pairs), per):
                     block = []
                     for k, pair in enumerate(pairs[i:i + per]):

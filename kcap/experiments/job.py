@@ -112,7 +112,7 @@ def _qa(job: RunJob, step: PostStep, out: Path) -> dict:
     opts = dict(step.options)
     if "where" in opts:
         opts["where"] = tuple(opts["where"])
-    elif job.run.config.model_options.get("n_experts") or job.run.config.model.startswith("gpt2moe"):
+    elif _moe(job.run.config):
         opts["where"] = ("q", "v")  # MoE experts are stacked tensors: no LoRA on them
     report = run_qa(job.run_dir, QAConfig(**opts, test_people=job.run.config.eval_sample),
                     device=_device(job), progress=False)
@@ -123,6 +123,13 @@ def _qa(job: RunJob, step: PostStep, out: Path) -> dict:
               "exact_match": report["exact_match"], "exact_match_ci95": report["exact_match_ci95"]}
     write_json(out / "eval.json", result)
     return result
+
+
+def _moe(cfg) -> bool:
+    """Whether the run's model has MoE experts (its config, built without weights)."""
+    from kcap.models import model_config
+
+    return bool(model_config(cfg.model, 1, context=cfg.window, **cfg.model_options).n_experts)
 
 
 def _quantize(job: RunJob, step: PostStep, out: Path) -> dict:

@@ -16,6 +16,7 @@ the run folder (or a quantized model's folder: adapters then train beside the in
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,12 +58,16 @@ class QAConfig:
         if not self.where or set(self.where) - set(WHERE) or len(set(self.where)) < len(self.where):
             raise ValueError(f"where must name distinct parts among {WHERE}, got {list(self.where)}")
 
+    def record(self) -> dict:
+        """The options as qa_report.json holds them (JSON types: lists, not tuples)."""
+        return json.loads(json.dumps(asdict(self)))
+
     def fingerprint(self) -> dict:
         """What a checkpoint must agree with to be resumed."""
-        d = asdict(self)
+        d = self.record()
         for key in ("log_every", "checkpoint_every", "test_people"):
             d.pop(key)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return d
 
 
 def output_folder(path) -> Path:
@@ -79,8 +84,6 @@ def run_qa(path, cfg: QAConfig | None = None, device: str = "auto", progress: bo
     """Fine-tune and score the model at ``path`` (a run, checkpoint or quantized folder);
     write and return qa_report.json's content. Resumes an interrupted fine-tune; a finished
     one with the same configuration is returned as it is."""
-    import json
-
     from kcap.run_lock import run_lock
 
     cfg = cfg or QAConfig()
@@ -91,7 +94,7 @@ def run_qa(path, cfg: QAConfig | None = None, device: str = "auto", progress: bo
     with run_lock(out, "qa"):
         if report_path.is_file():
             done = json.loads(report_path.read_text())
-            asked = json.loads(json.dumps(asdict(cfg)))
+            asked = cfg.record()
             if done.get("qa_config") == asked:
                 return done
             differ = sorted(k for k in asked if (done.get("qa_config") or {}).get(k) != asked[k])
@@ -102,8 +105,6 @@ def run_qa(path, cfg: QAConfig | None = None, device: str = "auto", progress: bo
 
 
 def _run(path, out: Path, cfg: QAConfig, device: str, progress: bool) -> dict:
-    import json
-
     import torch
 
     from kcap.atomic import write_json
@@ -149,7 +150,7 @@ def _run(path, out: Path, cfg: QAConfig, device: str, progress: bool) -> dict:
     seen = train.rows(_sample(np.arange(len(train)), len(test_qa), cfg.seed))
     seen_scores = score_answers(forward, seen, device=dev, autocast=autocast)
     report = build_report(ds, stored, test_qa, scores, seen, seen_scores, info["params_counted"])
-    report.update(qa_config=json.loads(json.dumps(asdict(cfg))), adapted=adapted,
+    report.update(qa_config=cfg.record(), adapted=adapted,
                   people={"fine_tuned": int(len(tune)), "test_half": int(ds.n_people - len(tune)),
                           "tested": int(len(test))},
                   mixed_pretraining=run_cfg.data.qa_fraction, precision=precision,
