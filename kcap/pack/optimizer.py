@@ -3,17 +3,22 @@
 The solo trainer (kcap.train) clips each model's gradients by its global norm
 (torch.nn.utils.clip_grad_norm_) and steps torch.optim.AdamW with two param groups: weight
 decay on tensors with ndim >= 2 (matrices, embeddings), none on biases and norm gains
-(kcap.train._optimizer). StackedAdamW does the same per model in one pass over the stacked
-tensors, with per-model lr, weight decay, betas, eps and max grad norm, per-model step
-counts and an ``active`` mask: a finished model's weights, moments and step stay as they are.
+(kcap.train._optimizer). StackedAdamW does the same per model, with per-model lr, weight
+decay, betas, eps and max grad norm, per-model step counts and an ``active`` mask: a
+finished model's weights, moments and step stay as they are.
+
+It works on the pack's one (M, P) parameter (StackedModels.flat) and (M, P) moments, so a
+step is about a dozen elementwise ops over the whole pack plus one foreach norm, whatever
+the number of tensors (it was ~10 ops per tensor: ~1,300 kernel launches per step for a
+4-layer model, which is what a tiny model's step pays for on a GPU).
 
 The math is torch.optim.AdamW's single-tensor path op for op: the per-model scalars (bias
 corrections, step size, decay factor) are computed in Python floats as torch computes
-them, then applied as float32 (M, 1, ...) columns, and fused ops keep their operand order
+them, then applied as float32 (M, 1) columns, and fused ops keep their operand order
 (``addcdiv(exp_avg * -step_size, denom)`` is ``addcdiv(exp_avg, denom, value=-step_size)``).
-So on CPU a step with equal gradients gives equal bits (tested); only the clipping norm
-differs by rounding (per-model reductions over the stacked tensors). Hyperparameters and
-the schedule live on the host, so a step never waits for the GPU: one small upload.
+The clipping norm is clip_grad_norm_'s (per-tensor norms, then their norm). So on CPU a
+step with equal gradients gives equal bits (tested). Hyperparameters and the schedule live
+on the host, so a step never waits for the GPU: one small pinned upload.
 """
 from __future__ import annotations
 
@@ -21,16 +26,19 @@ import math
 
 import torch
 
-from kcap.pack.stacked import StackedModels
+from kcap.pack.stacked import StackedModels, decayed  # noqa: F401 (decayed: the grouping rule)
 
 # columns of the per-step coefficient table (M, len(_COLUMNS))
 _COLUMNS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size",
-            "bias_correction2_sqrt", "eps", "max_norm", "active")
+            "bias_correction2_sqrt", "eps", "max_norm")
 
 
-def decayed(solo_ndim: int) -> bool:
-    """Whether the solo trainer decays a parameter of this ndim (kcap.train._optimizer)."""
-    return solo_ndim >= 2
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``; on CUDA through pinned memory, so that the copy
+    does not wait for the GPU (a pageable copy would synchronise the stream)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class StackedAdamW:
@@ -60,10 +68,21 @@ class StackedAdamW:
         # the solo optimizer's order: decayed tensors (group 0), then the others (group 1)
         self.groups = ([n for n, p in named if decayed(p.ndim - 1)],
                        [n for n, p in named if not decayed(p.ndim - 1)])
-        self.params = dict(named)
-        self._decayed = set(self.groups[0])
-        self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
-        self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
+        # the column ranges of pack.flat that are decayed (runs of adjacent decayed blocks)
+        self._decay_ranges, start = [], 0
+        for n, size in zip(pack.layout, pack.sizes):
+            if decayed(len(pack.shapes[n])):
+                if self._decay_ranges and self._decay_ranges[-1][1] == start:
+                    self._decay_ranges[-1][1] = start + size
+                else:
+                    self._decay_ranges.append([start, start + size])
+            start += size
+        flat = pack.flat
+        self._exp_avg_flat = torch.zeros_like(flat, memory_format=torch.contiguous_format)
+        self._exp_avg_sq_flat = torch.zeros_like(flat, memory_format=torch.contiguous_format)
+        self.exp_avg = pack._blocks(self._exp_avg_flat)
+        self.exp_avg_sq = pack._blocks(self._exp_avg_sq_flat)
+        self._work = None  # _scratch()
 
     def _per_model(self, value, name: str, low: float, below: float | None = None,
                    positive: bool = False) -> list[float]:
@@ -82,11 +101,11 @@ class StackedAdamW:
         return [float(v) for v in values]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params.values():
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+        flat = self.pack.flat
+        if set_to_none:
+            flat.grad = None
+        elif flat.grad is not None:
+            flat.grad.zero_()
 
     def _table(self, lrs: list[float], active: list[bool]) -> torch.Tensor:
         """The per-model coefficients of this step, (M, len(_COLUMNS)) float32 on the
@@ -98,13 +117,9 @@ class StackedAdamW:
             bias_correction1 = 1 - b1 ** step
             bias_correction2 = 1 - b2 ** step
             rows.append([1 - lr * self.weight_decay[i], 1 - b1, b2, 1 - b2, -(lr / bias_correction1),
-                         bias_correction2 ** 0.5, self.eps[i], self.max_grad_norm[i], float(active[i])])
+                         bias_correction2 ** 0.5, self.eps[i], self.max_grad_norm[i]])
         # float64 -> float32 rounds each value as torch's kernels round a Python scalar
-        table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
-        device = next(iter(self.params.values())).device
-        if device.type == "cuda":  # pinned: the upload does not wait for the GPU
-            table = table.pin_memory().to(device, non_blocking=True)
-        return table.to(device)
+        return _upload(torch.tensor(rows, dtype=torch.float64).to(torch.float32), self.pack.flat.device)
 
     @torch.no_grad()
     def step(self, lrs, active=None) -> torch.Tensor:
@@ -126,51 +141,68 @@ class StackedAdamW:
         elif len(active) != self.m or not all(isinstance(a, bool) for a in active):
             raise ValueError(f"active must be {self.m} bools, got {active!r}")
         table = self._table(lrs, active)
-        col = {name: table[:, j] for j, name in enumerate(_COLUMNS)}
-        with_grad = [n for n in self.params if self.params[n].grad is not None]
-        norms = self._clip([self.params[n].grad for n in with_grad], col["max_norm"])
-        for n in with_grad:
-            shape = (self.m,) + (1,) * (self.params[n].ndim - 1)
-            self._update(n, {k: v.view(shape) for k, v in col.items()}, all(active))
+        col = {name: table[:, j:j + 1] for j, name in enumerate(_COLUMNS)}  # (M, 1) each
+        grad = self.pack.flat.grad
+        if grad is None:
+            norms = torch.zeros(self.m, device=table.device)
+        else:
+            norms = self._clip(grad, col["max_norm"])
+            self._update(grad, col, active)
         for i in range(self.m):
             if active[i]:
                 self.steps[i] += 1
                 self.lr[i] = lrs[i]
         return norms
 
-    def _clip(self, grads: list[torch.Tensor], max_norm: torch.Tensor) -> torch.Tensor:
-        """Scale each model's gradients as clip_grad_norm_ would for that model alone:
-        g *= min(max_norm / (norm + 1e-6), 1) with the norm over its own tensors only."""
-        if not grads:
-            return torch.zeros(self.m, device=max_norm.device)
-        per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(self.m, -1), dim=1) for g in grads], 1)
+    def _clip(self, grad: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+        """Scale each model's gradients (row of the (M, P) ``grad``) as clip_grad_norm_ would
+        for that model alone: g *= min(max_norm / (norm + 1e-6), 1), the norm over its own
+        tensors only, computed as clip_grad_norm_ computes it (each tensor's norm, in the
+        solo parameter order, then the norm of those): one foreach call over the M x T
+        blocks (contiguous 1-D rows), the same bits as the solo norms on the CPU."""
+        blocks = self.pack._blocks(grad)
+        rows = [blocks[n][i].reshape(-1) for i in range(self.m) for n in self.pack.names]
+        per_tensor = torch.stack(torch._foreach_norm(rows)).view(self.m, len(self.pack.names))
         total = torch.linalg.vector_norm(per_tensor, dim=1)
         # (total + 1e-6).reciprocal() * max_norm: how torch evaluates max_norm / tensor
-        coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
-        coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))
-        for g in grads:
-            g.mul_(coef.view((self.m,) + (1,) * (g.ndim - 1)).to(g.dtype))
+        coef = ((total + 1e-6).reciprocal() * max_norm[:, 0]).clamp(max=1.0)
+        coef = torch.where(max_norm[:, 0] > 0, coef, torch.ones_like(coef))
+        grad.mul_(coef.view(self.m, 1).to(grad.dtype))
         return total
 
-    def _update(self, name: str, c: dict, all_active: bool) -> None:
-        """torch.optim.AdamW's single-tensor update of one stacked tensor, op for op, with
-        per-model columns ``c`` of shape (M, 1, ...). With every model active it runs in
-        place; otherwise on copies, of which only the active models' rows are kept."""
-        p, g = self.params[name], self.params[name].grad
-        m, v = self.exp_avg[name], self.exp_avg_sq[name]
-        new_p, new_m, new_v = (p, m, v) if all_active else (p.clone(), m.clone(), v.clone())
-        if name in self._decayed:  # group 1 has weight_decay 0: no multiply at all
-            new_p.mul_(c["decay"])
-        new_m.lerp_(g, c["one_minus_beta1"])
+    def _update(self, g: torch.Tensor, c: dict, active: list[bool]) -> None:
+        """torch.optim.AdamW's single-tensor update, op for op, on the whole pack at once:
+        ``g`` the (M, P) gradient of pack.flat, ``c`` the per-model (M, 1) columns. With
+        every model active it runs in place; otherwise on the active rows only, gathered
+        and scattered back, so an inactive model is not touched."""
+        p, m, v = self.pack.flat, self._exp_avg_flat, self._exp_avg_sq_flat
+        rows = None
+        if not all(active):
+            rows = _upload(torch.tensor([i for i, a in enumerate(active) if a]), p.device)
+            p, m, v, g = (t.index_select(0, rows) for t in (p, m, v, g))
+            c = {k: col.index_select(0, rows) for k, col in c.items()}
+        for a, b in self._decay_ranges:  # group 1 has weight_decay 0: no multiply at all
+            p[:, a:b].mul_(c["decay"])
+        m.lerp_(g, c["one_minus_beta1"])
+        # the temporaries go to two persistent (M, P) buffers: fresh ones of the pack's size
+        # cost a page-faulting allocation per op on the CPU (on CUDA, an allocator call)
+        gs, denom = (w[:p.shape[0]] for w in self._scratch())  # active rows only
         # addcmul(g, g, value=s) computes s * g * g: (g * s) * g is the same product
-        new_v.mul_(c["beta2"]).addcmul_(g * c["one_minus_beta2"], g)
-        denom = (new_v.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
-        new_p.addcdiv_(new_m * c["neg_step_size"], denom)  # = addcdiv(m, denom, value=-step)
-        if not all_active:
-            keep = c["active"] > 0.5
-            p.copy_(torch.where(keep, new_p, p))
-            m.copy_(torch.where(keep, new_m, m))
-            v.copy_(torch.where(keep, new_v, v))
+        v.mul_(c["beta2"]).addcmul_(torch.mul(g, c["one_minus_beta2"], out=gs), g)
+        torch.sqrt(v, out=denom).div_(c["bias_correction2_sqrt"]).add_(c["eps"])
+        # = addcdiv(m, denom, value=-step)
+        p.addcdiv_(torch.mul(m, c["neg_step_size"], out=gs), denom)
+        if rows is not None:
+            self.pack.flat.index_copy_(0, rows, p)
+            self._exp_avg_flat.index_copy_(0, rows, m)
+            self._exp_avg_sq_flat.index_copy_(0, rows, v)
+
+    def _scratch(self) -> list[torch.Tensor]:
+        """Two (M, P) work buffers like pack.flat, made on first use."""
+        if self._work is None:
+            self._work = [torch.empty_like(self.pack.flat, memory_format=torch.contiguous_format)
+                          for _ in range(2)]
+        return self._work
 
     # --- per-model checkpoints in the solo optimizer's format -------------------------------
 
@@ -183,7 +215,7 @@ class StackedAdamW:
         (kcap.train._optimizer's two groups) would give it: copies, moments on the params'
         device, ``step`` a float32 scalar tensor (on the device when fused, as on CUDA)."""
         i = self._index(i)
-        device = next(iter(self.params.values())).device
+        device = self.pack.flat.device
         fused = device.type == "cuda"  # as kcap.train._optimizer builds it
         order = self.groups[0] + self.groups[1]
         groups = []
@@ -230,9 +262,9 @@ class StackedAdamW:
             raise ValueError(f"all parameters must be at one step, got {sorted(steps)}")
         for j, n in enumerate(order if state else ()):
             for key in ("exp_avg", "exp_avg_sq"):
-                if tuple(state[j][key].shape) != tuple(self.params[n].shape[1:]):
+                if tuple(state[j][key].shape) != self.pack.shapes[n]:
                     raise ValueError(f"state {j} ({n}) {key} has shape {tuple(state[j][key].shape)}, "
-                                     f"expected {tuple(self.params[n].shape[1:])}")
+                                     f"expected {self.pack.shapes[n]}")
         lr, wd = float(g0["lr"]), float(g0["weight_decay"])
         b1, b2 = map(float, g0["betas"])
         eps = float(g0["eps"])

@@ -28,6 +28,7 @@ MoE models are refused: the C++ router is not batched over models.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import torch
@@ -83,6 +84,12 @@ class _FoldAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def decayed(solo_ndim: int) -> bool:
+    """Whether the solo trainer decays a parameter of this ndim (kcap.train._optimizer:
+    matrices and embeddings, not biases and norm gains)."""
+    return solo_ndim >= 2
+
+
 def _key(name: str) -> str:
     """A solo parameter name as a ParameterDict key ('.' is not allowed there)."""
     return name.replace(".", "-")
@@ -96,10 +103,14 @@ def _config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
 class StackedModels(nn.Module):
     """M Transformers of one ModelConfig, trained as one module.
 
-    Parameters: ``self.stacked[_key(name)]`` holds solo parameter ``name`` of all models as
-    one tensor (M, *solo shape), same dtype and device as the models. A tied LM head stays
-    tied: it is the embedding's stacked tensor (the solo model's named_parameters() order
-    and deduplication, which is also the solo optimizer's order).
+    Parameters: one ``self.flat`` (M, P) parameter holds every model's weights, model i's in
+    row i. Each solo parameter is a block of columns, viewed as (M, *solo shape) by
+    ``named_stacked()``; the blocks are laid out in the solo optimizer's order (decayed
+    tensors first, ``decayed``) so that StackedAdamW steps the whole pack
+    in a handful of elementwise ops over ``flat`` and one slice for the decay, instead of
+    ~10 ops per tensor (kernel launches are what tiny models pay for on a GPU). A tied LM
+    head stays tied: it is the embedding's block (the solo model's named_parameters()
+    deduplication, which is also the solo optimizer's).
     """
 
     def __init__(self, models: Sequence[Transformer]):
@@ -137,11 +148,15 @@ class StackedModels(nn.Module):
         # state_dict key -> stacked parameter name (a tied head maps to the embedding)
         self.aliases = {n: canonical[id(p)] for n, p in params.items()}
         self.state_keys = list(template.state_dict())
-        self.stacked = nn.ParameterDict()
+        self.shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
+        # flat layout: decayed blocks first (solo order within each group), then the others
+        self.layout = ([n for n in self.names if decayed(len(self.shapes[n]))]
+                       + [n for n in self.names if not decayed(len(self.shapes[n]))])
+        self.sizes = [math.prod(self.shapes[n]) for n in self.layout]
         with torch.no_grad():
             solo = [dict(m.named_parameters()) for m in models]
-            for n in self.names:
-                self.stacked[_key(n)] = nn.Parameter(torch.stack([s[n].detach() for s in solo]))
+            self.flat = nn.Parameter(torch.cat(
+                [torch.stack([s[n].detach().reshape(-1) for s in solo]) for n in self.layout], 1))
         # rotary tables: non-persistent, determined by the config, so model 0's serve all
         self.buffer_names = [n for n, _ in template.named_buffers()]
         for n, b in template.named_buffers():
@@ -150,14 +165,31 @@ class StackedModels(nn.Module):
             base = Transformer(dataclasses.replace(cfg, attn_impl="torch", mlp_impl="torch"))
         object.__setattr__(self, "_base", base)  # not a submodule: .to() must not move meta
 
+    def _blocks(self, flat: torch.Tensor) -> dict:
+        """{solo name: (M, *solo shape) view of an (M, P) tensor laid out as ``flat``}, by one
+        split (whose backward is one concatenation into flat's gradient, not one full-size
+        gradient per block)."""
+        return {n: block.view(self.m, *self.shapes[n])
+                for n, block in zip(self.layout, flat.split(self.sizes, dim=1))}
+
     @classmethod
     def from_models(cls, models: Sequence[Transformer]) -> "StackedModels":
         """The pack of ``models`` (copies of their weights, in that order)."""
         return cls(models)
 
     def named_stacked(self):
-        """(solo parameter name, stacked parameter (M, *solo shape)) in the solo model's order."""
-        return [(n, self.stacked[_key(n)]) for n in self.names]
+        """(solo parameter name, (M, *solo shape) view of ``flat``) in the solo model's order;
+        detached views (no autograd), so writes under no_grad change the pack's weights."""
+        blocks = self._blocks(self.flat.detach())
+        return [(n, blocks[n]) for n in self.names]
+
+    def named_grads(self):
+        """(solo parameter name, (M, *solo shape) view of ``flat.grad``) in the solo model's
+        order, or [] before a backward."""
+        if self.flat.grad is None:
+            return []
+        blocks = self._blocks(self.flat.grad)
+        return [(n, blocks[n]) for n in self.names]
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
         """ids (M, B, T) int64 -> (logits (M, B, T, V) in the weights' dtype, losses (M,)
@@ -173,7 +205,7 @@ class StackedModels(nn.Module):
             if targets.shape != ids.shape:
                 raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, "
                                  f"got {tuple(targets.shape)}")
-        params = {n: self.stacked[_key(n)] for n in self.names}
+        params = self._blocks(self.flat)
         buffers = {n: getattr(self, _key(n)) for n in self.buffer_names}
 
         def one(p, x):
@@ -204,8 +236,9 @@ class StackedModels(nn.Module):
         state_dict. Tensors are copies (on the pack's device)."""
         states = []
         with torch.no_grad():
+            blocks = self._blocks(self.flat.detach())
             for i in range(self.m):
-                own = {n: self.stacked[_key(n)][i].clone() for n in self.names}
+                own = {n: blocks[n][i].clone() for n in self.names}
                 states.append({k: own[self.aliases[k]] for k in self.state_keys})
         return states
 
@@ -220,12 +253,13 @@ class StackedModels(nn.Module):
                 raise ValueError(f"state {i}: missing keys {sorted(missing)}, "
                                  f"unexpected keys {sorted(unexpected)}")
             for k in self.state_keys:
-                want = self.stacked[_key(self.aliases[k])].shape[1:]
+                want = self.shapes[self.aliases[k]]
                 if tuple(sd[k].shape) != tuple(want):
                     raise ValueError(f"state {i}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(want)}")
                 if self.aliases[k] != k and not torch.equal(sd[k], sd[self.aliases[k]]):
                     raise ValueError(f"state {i}: {k} must equal {self.aliases[k]} (tied weights)")
+        blocks = self._blocks(self.flat.detach())
         with torch.no_grad():
             for i, sd in enumerate(states):
                 for n in self.names:
-                    self.stacked[_key(n)][i].copy_(sd[n])
+                    blocks[n][i].copy_(sd[n])

@@ -133,10 +133,10 @@ def test_one_step_with_equal_gradients_is_bitwise_adamw():
     for step in range(6):
         active = [True, True, step < 3]
         lrs = [s["lr"] * 0.9 ** step for s in specs]
-        for n, p in pack.named_stacked():
-            p.grad = torch.randn(p.shape, generator=g) * 0.3 * (step + 1)
+        pack.flat.grad = torch.randn(pack.flat.shape, generator=g) * 0.3 * (step + 1)
+        for n, grad in pack.named_grads():
             for i, m in enumerate(models):
-                dict(m.named_parameters())[n].grad = p.grad[i].clone()
+                dict(m.named_parameters())[n].grad = grad[i].clone()
         norms = opt.step(torch.tensor(lrs, dtype=torch.float64), torch.tensor(active))
         for i, m in enumerate(models):
             if active[i]:
@@ -164,8 +164,7 @@ def assert_same_state(ours, ref):
 
 
 def random_grads(pack, g):
-    for _, p in pack.named_stacked():
-        p.grad = torch.randn(p.shape, generator=g)
+    pack.flat.grad = torch.randn(pack.flat.shape, generator=g)
 
 
 def test_model_state_round_trips_and_resumes_bitwise():
@@ -193,8 +192,7 @@ def test_model_state_round_trips_and_resumes_bitwise():
         resumed.load_model_state(2 - i, opt.state_for_model(i))
     assert resumed.steps == [4, 2, 4] and resumed.weight_decay == [s["wd"] for s in specs][::-1]
     random_grads(pack, g)
-    for (_, a), (_, b) in zip(pack.named_stacked(), other.named_stacked()):
-        b.grad = a.grad.flip(0)
+    other.flat.grad = pack.flat.grad.flip(0)
     opt.step([1e-3, 2e-3, 3e-3])
     resumed.step([3e-3, 2e-3, 1e-3])
     for (n, a), (_, b) in zip(pack.named_stacked(), other.named_stacked()):
@@ -273,11 +271,10 @@ class NoBiasCorrection(StackedAdamW):
 
 
 class JointNormClipping(StackedAdamW):
-    def _clip(self, grads, max_norm):
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    def _clip(self, grad, max_norm):
+        total = torch.linalg.vector_norm(grad)
         coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view((self.m,) + (1,) * (g.ndim - 1)))
+        grad.mul_(coef)
         return total.expand(self.m)
 
 

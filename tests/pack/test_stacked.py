@@ -63,8 +63,8 @@ def test_forward_and_gradients_match_solo(name, overrides):
         n = int((targets[i] != -100).sum())
         assert abs(losses[i].item() - solo_loss.item()) <= bound(n, solo_loss.item())
         solo = dict(m.named_parameters())
-        for pname, p in pack.named_stacked():
-            g, ref = p.grad[i], solo[pname].grad
+        for pname, grad in pack.named_grads():
+            g, ref = grad[i], solo[pname].grad
             k = max(B * T, 4 * d)
             assert (g - ref).abs().max().item() <= bound(k, ref.abs().max().item()), pname
 
@@ -77,9 +77,9 @@ def test_all_ignored_targets_give_zero_loss_and_no_gradient():
     logits, losses = pack(ids, targets)
     losses.sum().backward()
     assert losses[1].item() == 0.0 and torch.isfinite(losses).all()
-    for _, p in pack.named_stacked():
-        assert torch.count_nonzero(p.grad[1]) == 0
-        assert torch.count_nonzero(p.grad[0]) > 0
+    for _, grad in pack.named_grads():
+        assert torch.count_nonzero(grad[1]) == 0
+        assert torch.count_nonzero(grad[0]) > 0
     solo_logits, solo_loss = models[2](ids[2], targets[2])  # the others are unaffected
     assert abs(losses[2].item() - solo_loss.item()) <= bound(B * T, solo_loss.item())
 
@@ -106,10 +106,12 @@ def test_forward_without_targets_and_copies_weights():
     ids, _ = batch(2)
     logits, loss = pack(ids)
     assert loss is None and logits.shape == (2, B, T, V)
+    wte = dict(pack.named_stacked())["wte.weight"]
     with torch.no_grad():
-        pack.stacked["wte-weight"].add_(1.0)
-    assert not torch.equal(models[0].wte.weight, pack.stacked["wte-weight"][0])
-    assert pack.stacked["wte-weight"].shape == (2, V, 128) and "lm_head.weight" not in pack.names
+        wte.add_(1.0)
+    assert not torch.equal(models[0].wte.weight, wte[0])
+    assert wte.shape == (2, V, 128) and "lm_head.weight" not in pack.names
+    assert torch.equal(dict(pack.named_stacked())["wte.weight"], wte)  # a view of pack.flat
 
 
 @pytest.mark.parametrize("name, overrides", CASES[:3], ids=["gpt2", "llama", "llama-tied"])
