@@ -66,14 +66,17 @@ def _solo_optimizer(model, torch, device):
     return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=device.type == "cuda")
 
 
-def _pack_step(name, vocab, m, ids, context, device, dtype, torch):
+def _pack_step(name, vocab, m, ids, context, device, dtype, torch, mode=None):
     """The pack's training step (kcap.pack.trainer._step less its bookkeeping); it returns
-    its forward / backward / optimizer wall times (meaningful without a GPU queue)."""
+    its forward / backward / optimizer wall times (meaningful without a GPU queue).
+    ``mode``: None (eager), or a torch.compile mode for the forward and backward
+    ("default" as the trainer's compile = true, "reduce-overhead" adds CUDA graphs)."""
     from kcap.pack import StackedAdamW, StackedModels
 
     torch.manual_seed(0)
     models = [build_model(name, vocab, context=context) for _ in range(m)]
     pack = StackedModels(models).to(device)
+    forward = pack if mode is None else torch.compile(pack, mode=mode)
     del models
     opt = StackedAdamW(pack, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, max_grad_norm=MAX_NORM)
     lrs = [LR] * m
@@ -82,7 +85,7 @@ def _pack_step(name, vocab, m, ids, context, device, dtype, torch):
     def split():
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, losses = pack(x, y)
+            _, losses = forward(x, y)
         t1 = time.perf_counter()
         losses.sum().backward()
         t2 = time.perf_counter()
@@ -128,6 +131,24 @@ def _plain_step(name, vocab, ids, context, device, dtype, torch):
     return step
 
 
+def _ops_per_step(step, torch) -> int:
+    """Aten operations one call of ``step`` dispatches, views excluded: on a GPU about the
+    kernels it launches (what a tiny model's step is bound by), counted on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
 def run(quick: bool = False, full: bool = False) -> None:
     import torch
 
@@ -166,6 +187,10 @@ def run(quick: bool = False, full: bool = False) -> None:
             steps = {"pack": _pack_step(name, vocab, m, ids, context, device, dtype, torch),
                      "solo loop (a)": _solo_loop_step(name, vocab, m, ids, context, device, dtype, torch),
                      "plain loop x M (b)": _plain_step(name, vocab, ids, context, device, dtype, torch)}
+            if gpu:  # the issue's "with and without": torch.compile, then also CUDA graphs
+                for label, mode in (("pack compiled", "default"), ("pack CUDA graphs", "reduce-overhead")):
+                    steps[label] = _pack_step(name, vocab, m, ids, context, device, dtype, torch, mode)
+            ops = {k: _ops_per_step(steps[k], torch) for k in ("pack", "solo loop (a)")}
             stages.start(f"{case}: {warmup} warm-up + {repeats} timed steps of each, interleaved")
             times, phases = _interleaved(steps, warmup, repeats, sync)
             measured = {k: statistics.median(v) for k, v in times.items()}
@@ -190,6 +215,8 @@ def run(quick: bool = False, full: bool = False) -> None:
             row["repetition_s"] = [t * (m if provider == "plain loop x M (b)" else 1) for t in times[provider]]
             if provider == "pack" and split:
                 row["split_forward_backward_optimizer"] = split
+            if provider in ops:
+                row["ops_per_step"] = ops[provider]
             rows.append(row)
     stages.finish()
 
@@ -206,26 +233,33 @@ def run(quick: bool = False, full: bool = False) -> None:
 
 
 def _summary(rows: list[dict], extra: list[str], env: dict, peak) -> str:
-    """Per (size, M): the pack's aggregate tokens/s, its ratios to (a) and (b), MFU, split."""
+    """Per (size, M): the pack's aggregate tokens/s, its ratios to (a) and (b), the ops each
+    dispatches per step, MFU (GPU; with the compiled and CUDA-graph packs) or the split."""
     by = {(r["model"], r["m"], r["provider"]): r for r in rows}
+    variants = ("pack compiled", "pack CUDA graphs") if peak else ()
     lines = ["", "## Pack vs. solo", "",
-             "| size | M | batch/model | pack tokens/s | vs (a) solo loop | vs (b) plain x M |"
+             "| size | M | batch/model | pack tokens/s | vs (a) solo loop | vs (b) plain x M | ops/step pack / (a) |"
+             + "".join(f" {v} vs (a) |" for v in variants)
              + (" pack MFU | (a) MFU |" if peak else " pack forward / backward / optimizer |"),
-             "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(variants) + ("---|" if peak else "")]
+
+    def ratio(r, other):
+        return f"{r['throughput'] / other['throughput']:.2f}x" if r and other else "-"
+
     for r in rows:
         if r["provider"] != "pack":
             continue
         a = by.get((r["model"], r["m"], "solo loop (a)"))
         b = by.get((r["model"], r["m"], "plain loop x M (b)"))
-        ra = f"{r['throughput'] / a['throughput']:.2f}x" if a else "-"
-        rb = f"{r['throughput'] / b['throughput']:.2f}x" if b else "-"
+        ops = f"{r['ops_per_step']:,} / {a['ops_per_step']:,}" if a and "ops_per_step" in r else "-"
+        cells = "".join(f" {ratio(by.get((r['model'], r['m'], v)), a)} |" for v in variants)
         if peak:
             tail = f" {r['mfu']:.1%} | {a['mfu']:.1%} |" if a else f" {r['mfu']:.1%} | - |"
         else:
-            s = r.get("split_forward_backward_optimizer")
-            tail = f" {s[0]:.0%} / {s[1]:.0%} / {s[2]:.0%} |" if s else " - |"
+            sp = r.get("split_forward_backward_optimizer")
+            tail = f" {sp[0]:.0%} / {sp[1]:.0%} / {sp[2]:.0%} |" if sp else " - |"
         lines.append(f"| {r['model']} | {r['m']} | {r['batch_per_model']} | {r['throughput']:,.0f} | "
-                     f"{ra} | {rb} |" + tail)
+                     f"{ratio(r, a)} | {ratio(r, b)} | {ops} |" + cells + tail)
     lines += [""] + extra
     if not peak:
         lines.append("- MFU: not reported (no GPU with a known bf16 peak).")
@@ -233,4 +267,8 @@ def _summary(rows: list[dict], extra: list[str], env: dict, peak) -> str:
         lines.append(f"- note: {env['note']}.")
     lines.append("- timed: the training step only (forward + backward + clipping + AdamW) on random "
                  "token batches, warm-up excluded, median of the repetitions; tokens/s aggregate over M.")
+    lines.append("- ops/step: aten operations one step dispatches, views excluded (on a GPU about its "
+                 "kernel launches); the solo loop's are its M models' together. _foreach_norm and "
+                 "the fused AdamW count as one op each (on the CPU they loop inside; there torch's "
+                 "AdamW is its per-tensor loop, not fused).")
     return "\n".join(lines) + "\n"

@@ -20,9 +20,11 @@ from kcap.experiments.job import RunJob, execute
 
 PACK_MODES = ("auto", "on", "off")
 MAX_PACK = 16
-# Bytes per parameter of a packed model: fp32 weights, gradient, two Adam moments, and the
-# solo copy of weights and moments kept for checkpoints (see kcap/pack/trainer.py).
-BYTES_PER_PARAM = 4 * 7
+# Bytes per parameter of a packed model, all fp32: weights, gradient (twice at the end of
+# the backward: the blocks' gradients and their concatenation), two Adam moments, the
+# optimizer's two work buffers, and the solo copy of weights and moments kept for
+# checkpoints (see kcap/pack/stacked.py, optimizer.py, trainer.py).
+BYTES_PER_PARAM = 4 * 10
 
 
 @dataclass

@@ -69,6 +69,32 @@ def test_forward_and_gradients_match_solo(name, overrides):
             assert (g - ref).abs().max().item() <= bound(k, ref.abs().max().item()), pname
 
 
+def test_compiled_pack_matches_the_eager_pack():
+    """torch.compile (inductor on the CPU) of the pack: fused kernels sum in other orders,
+    so logits, losses and gradients agree within the reassociation bound above (the
+    trainer's compile = true runs this; tests/pack/test_trainer.py checks the wiring)."""
+    models = solo_models("gpt2-1-2")
+    pack = StackedModels(models)
+    ids, targets = batch(len(models), seed=2)
+    logits, losses = pack(ids, targets)
+    losses.sum().backward()
+    grads = pack.flat.grad.clone()
+    pack.flat.grad = None
+    c_logits, c_losses = torch.compile(pack)(ids, targets)
+    c_losses.sum().backward()
+    d = models[0].cfg.d_model
+    worst, ref_grads = 0.0, pack._blocks(grads)
+    for i in range(len(models)):
+        n = int((targets[i] != -100).sum())
+        pairs = [(c_logits[i], logits[i], d), (c_losses[i], losses[i], n)]
+        pairs += [(g[i], ref_grads[name][i], max(B * T, 4 * d)) for name, g in pack.named_grads()]
+        for got, ref, k in pairs:
+            ratio = (got - ref).abs().max().item() / bound(k, ref.abs().max().item())
+            worst = max(worst, ratio)
+    print(f"compiled vs eager pack: worst error {worst:.3f} of the bound")
+    assert worst <= 1.0
+
+
 def test_all_ignored_targets_give_zero_loss_and_no_gradient():
     models = solo_models("gpt2-1-2")
     pack = StackedModels(models)

@@ -108,6 +108,31 @@ def test_pack_equals_solo_runs(packed, solo):
         assert (p / "training.png").is_file()
 
 
+def test_compile_option_trains_the_pack_compiled(packed, tmp_path, monkeypatch):
+    """compile = true: the pack's forward and backward go through torch.compile, traced once
+    (every step has the pack's padded shapes). Traced here with AOTAutograd onto eager
+    kernels (inductor's numerics are tested in test_stacked.py at a fraction of the cost),
+    so the weights equal the eager pack's within its drift bound."""
+    from kcap.pack import StackedModels
+
+    real, compiled = torch.compile, []
+
+    def traced(module, **options):
+        compiled.append(module)
+        return real(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", traced)
+    dirs = [tmp_path / f"run{i}" for i in range(len(CFGS))]
+    reports = train_pack([replace(c, compile=True) for c in CFGS], dirs, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], StackedModels)
+    for i, (d, ref, report, ref_report) in enumerate(zip(dirs, *packed, reports)):
+        assert report["steps"] == ref_report["steps"]
+        div, bound = weight_divergence(d, ref), DRIFT * LR_MAX * report["steps"]
+        print(f"run {i}: compiled vs eager pack {div:.3g} = {div / bound:.3f} of the bound")
+        assert div <= bound
+        assert json.loads((d / "config.json").read_text())["config"]["compile"] is True
+
+
 def test_stopped_pack_resumes_bit_for_bit_and_continues_solo(packed, tmp_path, monkeypatch, capfd):
     dirs = [tmp_path / f"run{i}" for i in range(len(CFGS))]
     stop_at(monkeypatch, pt, STOP_AT)
