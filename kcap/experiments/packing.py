@@ -76,8 +76,10 @@ def pack_size(job: RunJob, memory_bytes: int | None) -> int:
     layers = int(cfg.model.split("-")[1])
     tokens = cfg.batch_size * cfg.window
     # activations kept for the backward pass (~34 values per token, layer and width unit,
-    # Korthikanti et al.) in 2 bytes, plus fp32 logits and their gradient
-    activations = tokens * (34 * d * layers * 2 + 2 * 4 * 4337)
+    # Korthikanti et al.) in 2 bytes, plus fp32 logits and their gradient unless the fused
+    # LM head + loss (loss_impl auto or triton: the default on GPUs) never forms them
+    logits = 2 * 4 * 4337 if cfg.model_options.get("loss_impl", "auto") == "torch" else 0
+    activations = tokens * (34 * d * layers * 2 + logits)
     per_model = run_facts(job.run)["params_total"] * BYTES_PER_PARAM + activations
     return max(1, min(MAX_PACK, int(0.8 * memory_bytes // per_model)))
 

@@ -144,7 +144,9 @@ class Transformer(nn.Module):
     The loss is the mean cross-entropy over targets != -100, plus the MoE auxiliary loss.
     With targets and ``loss_impl`` triton (the default on CUDA) the LM head and the loss are
     one fused kernel (kcap.kernels.linear_cross_entropy) and the logits are never formed:
-    forward then returns (None, loss).
+    forward then returns (None, loss). ``head=False`` returns (h, None) instead: the final
+    normed hidden states (B, T, d_model), for a caller that applies the head itself (a
+    pack's fused loss, kcap.pack.stacked).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -172,7 +174,7 @@ class Transformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, ids, targets=None):
+    def forward(self, ids, targets=None, *, head: bool = True):
         B, T = ids.shape
         if T > self.cfg.context:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.cfg.context}")
@@ -182,6 +184,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, self.cos, self.sin)
         h = self.norm_f(x)
+        if not head:
+            return h, None
         fused = isinstance(self.lm_head, nn.Linear)  # not a quantized head
         if targets is not None and fused and resolve_impl(self.cfg.loss_impl, h) == "triton":
             from kcap.kernels import linear_cross_entropy

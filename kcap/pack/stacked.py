@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
-from kcap.models.config import ModelConfig
+from kcap.models.config import ModelConfig, resolve_impl, under_autocast
 from kcap.models.transformer import Transformer
 
 _sdpa = F.scaled_dot_product_attention  # what the folded call runs (a name tests can wrap)
@@ -197,7 +197,11 @@ class StackedModels(nn.Module):
 
         targets (M, B, T) int64, -100 ignored: losses[i] is model i's mean cross-entropy
         over its non-ignored targets (0, with zero gradient, when it has none). Backward on
-        ``losses.sum()`` gives every model the gradient it would get alone.
+        ``losses.sum()`` gives every model the gradient it would get alone. With targets
+        and the config's ``loss_impl`` resolving to triton (the default on CUDA, as in the
+        solo model) each model's LM head and loss are the fused kernel
+        (kcap.kernels.linear_cross_entropy, one call per model): the logits are never
+        formed and come back as None.
         """
         self._check_tokens(ids, "ids")
         if targets is not None:
@@ -207,19 +211,35 @@ class StackedModels(nn.Module):
                                  f"got {tuple(targets.shape)}")
         params = self._blocks(self.flat)
         buffers = {n: getattr(self, _key(n)) for n in self.buffer_names}
+        fused = targets is not None and resolve_impl(self.cfg.loss_impl, ids) == "triton"
 
         def one(p, x):
-            return functional_call(self._base, (p, buffers), (x,))[0]
+            return functional_call(self._base, (p, buffers), (x,), {"head": not fused})[0]
 
         with _FoldAttention():
-            logits = vmap(one)(params, ids)
+            out = vmap(one)(params, ids)  # logits (M, B, T, V), or hidden states (M, B, T, d)
+        if fused:
+            return None, self._fused_losses(out, params[self.aliases["lm_head.weight"]], targets)
         if targets is None:
-            return logits, None
+            return out, None
         # per-token losses in one call (ignored tokens give 0), summed per model
-        tokens = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        tokens = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction="none")
         counts = (targets != -100).reshape(self.m, -1).sum(1).clamp(min=1)
-        return logits, tokens.view(self.m, -1).sum(1) / counts
+        return out, tokens.view(self.m, -1).sum(1) / counts
+
+    def _fused_losses(self, hidden, head, targets) -> torch.Tensor:
+        """(M,) losses from hidden states (M, B, T, d) and head weights (M, V, d): the fused
+        kernel per model, each on its own B * T rows (the kernel returns 0 with zero
+        gradients for a model whose targets are all ignored)."""
+        from kcap.kernels import linear_cross_entropy
+
+        d = hidden.shape[-1]
+        losses = []
+        for i in range(self.m):
+            x, w = under_autocast(hidden[i].reshape(-1, d), head[i])
+            losses.append(linear_cross_entropy(x, w, targets[i].reshape(-1), ignore_index=-100))
+        return torch.stack(losses)
 
     def _check_tokens(self, x, what: str) -> None:
         if not torch.is_tensor(x) or x.dtype != torch.int64:

@@ -128,6 +128,22 @@ def test_the_slurm_path_runs_an_array_through_submitit(tmp_path, monkeypatch):
     assert list((tmp_path / "slurm").iterdir())  # submitit's own logs
 
 
+def test_pack_size_holds_the_runs_in_memory():
+    """Runs per pack: MAX_PACK without a memory limit, 1 when even one does not fit, and
+    more under the fused LM head + loss (the GPU default, no logits) than with the torch
+    loss's fp32 logits and gradient."""
+    from kcap.experiments.job import RunJob
+    from kcap.experiments.packing import MAX_PACK, pack_size
+
+    fused = RunJob(run("smoke", "gpt2-2-2", 300, 100), Path("s"), "r1", "smoke")
+    config = dataclasses.replace(fused.run.config, model_options={"loss_impl": "torch"})
+    logits = RunJob(dataclasses.replace(fused.run, config=config), Path("s"), "r1", "smoke")
+    assert pack_size(fused, None) == MAX_PACK and pack_size(fused, 1) == 1
+    sizes = [(pack_size(fused, mib << 20), pack_size(logits, mib << 20)) for mib in (128, 256, 512)]
+    print("pack sizes (fused, torch loss) at 128, 256, 512 MiB:", sizes)
+    assert all(1 <= b <= a <= MAX_PACK for a, b in sizes) and any(b < a for a, b in sizes), sizes
+
+
 def test_compatible_runs_train_as_a_pack_and_report_like_solo_runs(tmp_path, monkeypatch):
     """--pack on (on a CPU too): three runs of one shape become one pack, a MoE run stays solo;
     every run gets its own folder, report and row, with the solo runs' numbers."""
