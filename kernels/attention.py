@@ -312,6 +312,35 @@ def _autograd_backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+# --- vmap: a leading (e.g. model) dimension folds into the batch --------------------------
+def _fold(x, dim, n):
+    """x with its vmapped dim ``dim`` (None: not vmapped, so expanded) merged into the batch:
+    (n * B, ...)."""
+    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+    return x.reshape(n * x.shape[1], *x.shape[2:])
+
+
+def _unfold(x, n):
+    return x.view(n, -1, *x.shape[1:])
+
+
+@_fwd_op.register_vmap
+def _fwd_vmap(info, in_dims, q, k, v, causal, scale):
+    # attention never mixes batch rows, so M models' (B, H, T, D) are one (M * B, ...) call
+    # (a pack's attention, kcap.pack): one launch instead of vmap's loop over the models
+    n = info.batch_size
+    o, lse = _fwd_op(*(_fold(x, d, n) for x, d in zip((q, k, v), in_dims[:3])), causal, scale)
+    return (_unfold(o, n), _unfold(lse, n)), (0, 0)
+
+
+@_bwd_op.register_vmap
+def _bwd_vmap(info, in_dims, do, q, k, v, o, lse, causal, scale):
+    n = info.batch_size
+    grads = _bwd_op(*(_fold(x, d, n) for x, d in zip((do, q, k, v, o, lse), in_dims[:6])),
+                    causal, scale)
+    return tuple(_unfold(g, n) for g in grads), (0, 0, 0)
+
+
 # --- public API ------------------------------------------------------------------------------
 def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -19,11 +19,15 @@ vs. nll_loss's own sum: a few ulps) and the gradients (weight gradients are redu
 B*T rows done by batched GEMMs, over the padded batch). GPU kernels (bmm vs mm, bf16) are
 only ever equal up to rounding.
 
-Attention: the pack's base module uses the torch attention and MLP (attn_impl/mlp_impl
-"torch"): the Triton kernels have no vmap rule. Inside the pack's forward, SDPA calls are
-routed to one call over (M * B) rows (``_FoldedAttention``) instead of vmap's per-model
-fallback loop (PyTorch has batch rules for the CUDA SDPA kernels, none for the CPU one).
-MoE models are refused: the C++ router is not batched over models.
+Kernels: attention runs as the config says (attn_impl: on CUDA by default kcap's Triton
+flash attention, whose vmap rule folds the models into the batch: one launch over M * B
+rows; the torch path's SDPA calls are folded the same way by ``_FoldedAttention``, since
+PyTorch has no batch rule for the CPU SDPA kernel). The loss: the fused LM head +
+cross-entropy per model where the config's loss_impl resolves to triton (``forward``). The
+MLP always takes the torch path (mlp_impl "torch"): the fused MLP's weights are the
+model's own, so a vmap rule could only loop over the models, and at these widths it does
+not beat cuBLAS (bench/results/mlp-gpu-*). MoE models are refused: the C++ router is not
+batched over models.
 """
 from __future__ import annotations
 
@@ -162,7 +166,7 @@ class StackedModels(nn.Module):
         for n, b in template.named_buffers():
             self.register_buffer(_key(n), b.detach().clone(), persistent=False)
         with torch.device("meta"):  # the code the pack runs; its weights are ours, passed in
-            base = Transformer(dataclasses.replace(cfg, attn_impl="torch", mlp_impl="torch"))
+            base = Transformer(dataclasses.replace(cfg, mlp_impl="torch"))
         object.__setattr__(self, "_base", base)  # not a submodule: .to() must not move meta
 
     def _blocks(self, flat: torch.Tensor) -> dict:

@@ -168,6 +168,34 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(flash_attention(qt, k, v), flash_attention(q, k, v))
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["per-model", "shared-kv"])
+def test_vmap_folds_the_mapped_dim_into_the_batch(shared_kv):
+    """vmap over a leading (model) dim runs one kernel call over M * B rows (a pack's
+    attention); every row is computed as in its own call, so outputs and gradients equal
+    the per-model calls bit for bit. Unmapped (shared) inputs are expanded; their gradient
+    is the sum of the M models' shares, added in another order (a few ulps of 3 terms)."""
+    from torch.func import vmap
+
+    M, (q, k, v, do) = 3, _inputs((6, 4, 2, 37, 37, 32, True), torch.float32)
+    q, do = q.view(M, 2, 4, 37, 32), do.view(M, 2, 4, 37, 32)
+    k, v = (k[:2], v[:2]) if shared_kv else (k.view(M, 2, 2, 37, 32), v.view(M, 2, 2, 37, 32))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = vmap(flash_attention, in_dims=(0, None, None) if shared_kv else 0)(*leaves)
+    grads = torch.autograd.grad(out, leaves, do)
+    singles = [t.clone().requires_grad_() for t in (q, k, v)]
+    each = torch.stack([flash_attention(singles[0][i], *((singles[1], singles[2]) if shared_kv
+                                                         else (singles[1][i], singles[2][i])))
+                        for i in range(M)])
+    want = torch.autograd.grad(each, singles, do)
+    assert torch.equal(out, each)
+    assert torch.equal(grads[0], want[0])
+    for g, w in zip(grads[1:], want[1:]):
+        if shared_kv:  # the M models' shares of a shared input's gradient, summed in another order
+            torch.testing.assert_close(g, w, rtol=4 * 2.0 ** -24, atol=4 * 2.0 ** -24 * w.abs().max().item())
+        else:
+            assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("args, error, message", [
     (((1, 2, 8, 64), (1, 2, 8, 64), (1, 2, 8, 32)), ValueError, "same shape"),
     (((1, 3, 8, 64), (1, 2, 8, 64), (1, 2, 8, 64)), ValueError, "must divide"),

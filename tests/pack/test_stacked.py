@@ -159,6 +159,45 @@ def test_attention_is_one_folded_call_without_vmap_fallback(monkeypatch):
     assert calls == [(3 * B, 4, T, 64)]  # one call per layer, the models folded into the batch
 
 
+def test_triton_attention_runs_folded_and_matches_sdpa(monkeypatch):
+    """attn_impl triton (the CUDA default; here the Triton interpreter, fp32): the flash
+    attention op's vmap rule makes one kernel call per layer over M * B rows, forward and
+    backward, and the pack agrees with its SDPA twin within the reassociation bound."""
+    from kcap.kernels import attention
+
+    calls = []
+
+    def recording(name, q_at):  # the kernel wrapper, noting the shape of its q
+        real = getattr(attention, name)
+
+        def run(*args):
+            calls.append((name, tuple(args[q_at].shape)))
+            return real(*args)
+        return run
+
+    monkeypatch.setattr(attention, "_forward", recording("_forward", 0))
+    monkeypatch.setattr(attention, "_backward", recording("_backward", 1))
+    ids, targets = batch(3, seed=4)
+    results = []
+    for impl in ("torch", "triton"):
+        pack = StackedModels(solo_models("mistral-1-4", attn_impl=impl))
+        logits, losses = pack(ids, targets)
+        losses.sum().backward()
+        results.append((logits.detach(), losses.detach(), dict(pack.named_grads())))
+    assert calls == [("_forward", (3 * B, 4, T, 64)), ("_backward", (3 * B, 4, T, 64))]
+    (want_logits, want, want_grads), (got_logits, got, got_grads) = results
+    d = build_model("mistral-1-4", V, context=CONTEXT).cfg.d_model
+    worst = 0.0
+    for i in range(3):
+        n = int((targets[i] != -100).sum())
+        pairs = [(got_logits[i], want_logits[i], d), (got[i], want[i], n)]
+        pairs += [(got_grads[k][i], g[i], max(B * T, 4 * d)) for k, g in want_grads.items()]
+        for a, b, k in pairs:
+            worst = max(worst, (a - b).abs().max().item() / bound(k, b.abs().max().item()))
+    print(f"triton vs SDPA attention in a pack: worst error {worst:.3f} of the bound")
+    assert worst <= 1.0
+
+
 def test_forward_without_targets_and_copies_weights():
     models = solo_models("gpt2-1-2", seeds=(3, 4))
     pack = StackedModels.from_models(models)
