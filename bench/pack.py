@@ -134,11 +134,13 @@ def _plain_step(name, vocab, ids, context, device, dtype, torch):
 DATA_N = 10_000  # people per run for the data measurement (the paper's N = 10K-50K)
 
 
-def _data_seconds(m: int, batch: int, context: int, repeats: int) -> float:
-    """Median seconds to render one pack step's batches on one thread: M runs' bioS(DATA_N)
+def _data_seconds(m: int, batch: int, context: int) -> float:
+    """Mean seconds to render one pack step's batches on one thread: M runs' bioS(DATA_N)
     training streams, ``batch`` windows each, to int64 tensors, as each run's prefetch thread
-    renders them (kcap.prefetch) while the step runs on the device. A window shorter than a
-    biography (the quick run's) is measured as as many tokens in 128-token windows."""
+    renders them (kcap.prefetch) while the step runs on the device. Streams render
+    biographies in blocks, so the mean is taken over enough steps to cover several blocks
+    (~20,000 biographies per run). A window shorter than a biography (the quick run's) is
+    measured as as many tokens in 128-token windows."""
     import numpy as np
     import torch
 
@@ -149,13 +151,12 @@ def _data_seconds(m: int, batch: int, context: int, repeats: int) -> float:
     batch = -(-batch * context // window)
     streams = [build_data(TrainConfig(model="gpt2-1-2", data=DataConfig(n=DATA_N, seed=i),
                                       window=window, batch_size=batch))[1] for i in range(m)]
-    times = []
-    for _ in range(repeats + 1):  # the first step builds the epoch's order: not timed
-        start = time.perf_counter()
+    steps = max(3, 20_000 * 60 // (batch * (window + 1)))  # ~60 tokens per biography
+    start = time.perf_counter()
+    for _ in range(steps):
         for stream in streams:
             torch.from_numpy(np.asarray(stream.next_windows(batch).tokens, dtype=np.int64))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return (time.perf_counter() - start) / steps
 
 
 def _ops_per_step(step, torch) -> int:
@@ -218,7 +219,7 @@ def run(quick: bool = False, full: bool = False) -> None:
                 for label, mode in (("pack compiled", "default"), ("pack CUDA graphs", "reduce-overhead")):
                     steps[label] = _pack_step(name, vocab, m, ids, context, device, dtype, torch, mode)
             ops = {k: _ops_per_step(steps[k], torch) for k in ("pack", "solo loop (a)")}
-            data_s = _data_seconds(m, batch, context, repeats)
+            data_s = _data_seconds(m, batch, context)
             stages.start(f"{case}: {warmup} warm-up + {repeats} timed steps of each, interleaved")
             times, phases = _interleaved(steps, warmup, repeats, sync)
             measured = {k: statistics.median(v) for k, v in times.items()}
@@ -300,7 +301,7 @@ def _summary(rows: list[dict], extra: list[str], env: dict, peak) -> str:
     lines.append("- timed: the training step only (forward + backward + clipping + AdamW) on random "
                  "token batches, warm-up excluded, median of the repetitions; tokens/s aggregate over M.")
     lines.append(f"- data / step: one thread rendering the pack's M batches from bioS({DATA_N:,}) "
-                 "training streams (what the runs' prefetch threads do while the device computes), "
+                 "training streams, mean over ~20,000 biographies per run (what the runs' prefetch threads do while the device computes), "
                  "and its share of the pack's step time: below 100% it hides behind the step.")
     lines.append("- ops/step: aten operations one step dispatches, views excluded (on a GPU about its "
                  "kernel launches); the solo loop's are its M models' together. _foreach_norm and "
