@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, through the device tool, from the repo root:
-#   bash bench/gpu_session.sh tests [PYTEST ARGS]   # GPU kernel + model tests (bf16, CUDA router)
+#   bash bench/gpu_session.sh tests [PYTEST ARGS]   # GPU kernel, model and pack tests (bf16, CUDA router)
 #   bash bench/gpu_session.sh bench attention mlp   # some benchmarks (or: all)
 #   bash bench/gpu_session.sh experiment r1 500     # r1 --preset gpu for 500 s (resumable)
 # Installs kcap offline (the GPU image has torch, triton, pybind11, safetensors, ...). Logs go
@@ -33,7 +33,7 @@ if [ "$stage" = tests ]; then
   # straight to the file (no pipe): a stage killed by `timeout` still leaves its log
   # margins of the error rule (tests/kernels/precision.py) on this GPU: never measured there yet
   KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" \
-  python3 -m pytest tests/kernels tests/models -v -p no:cacheprovider --durations=15 -rfE \
+  python3 -m pytest tests/kernels tests/models tests/pack/test_gpu.py -v -p no:cacheprovider --durations=15 -rfE \
     --tb=short "$@" > "$LOGS/gpu-tests.log" 2>&1
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
 elif [ "$stage" = bench ]; then
