@@ -142,6 +142,9 @@ class StackedAdamW:
             raise ValueError(f"active must be {self.m} bools, got {active!r}")
         table = self._table(lrs, active)
         col = {name: table[:, j:j + 1] for j, name in enumerate(_COLUMNS)}  # (M, 1) each
+        # one gradient for the whole pack: a block the forward did not use would get zeros
+        # (and decay) where the solo optimizer skips a gradient-less tensor; every tensor of
+        # a kcap Transformer takes part in its forward, so this never arises
         grad = self.pack.flat.grad
         if grad is None:
             norms = torch.zeros(self.m, device=table.device)
