@@ -327,18 +327,12 @@ def _unfold(x, n):
 @_fwd_op.register_vmap
 def _fwd_vmap(info, in_dims, q, k, v, causal, scale):
     # attention never mixes batch rows, so M models' (B, H, T, D) are one (M * B, ...) call
-    # (a pack's attention, kcap.pack): one launch instead of vmap's loop over the models
+    # (a pack's attention, kcap.pack): one launch instead of vmap's loop over the models.
+    # Autograd records the op called here, so the backward runs on the folded tensors
+    # outside vmap and needs no rule of its own.
     n = info.batch_size
     o, lse = _fwd_op(*(_fold(x, d, n) for x, d in zip((q, k, v), in_dims[:3])), causal, scale)
     return (_unfold(o, n), _unfold(lse, n)), (0, 0)
-
-
-@_bwd_op.register_vmap
-def _bwd_vmap(info, in_dims, do, q, k, v, o, lse, causal, scale):
-    n = info.batch_size
-    grads = _bwd_op(*(_fold(x, d, n) for x, d in zip((do, q, k, v, o, lse), in_dims[:6])),
-                    causal, scale)
-    return tuple(_unfold(g, n) for g in grads), (0, 0, 0)
 
 
 # --- public API ------------------------------------------------------------------------------

@@ -102,6 +102,63 @@ _bwd.register_fake(_mlp_bwd_fake)
 _fwd.register_autograd(_backward_of(_bwd), setup_context=_setup)
 
 
+# --- vmap (a pack's models, kcap.pack): batched cuBLAS GEMMs, one elementwise launch --------
+# Under vmap, autograd records the ops a vmap rule calls, not the op it stands for: the rule
+# below is therefore built of differentiable pieces, torch.bmm for the GEMMs and the
+# elementwise kernel as an op of its own (with its backward kernel), over all models at once.
+@torch.library.custom_op("kcap::mlp_activation", mutates_args=())
+def _activation_op(g: torch.Tensor, u: torch.Tensor | None, act: str) -> torch.Tensor:
+    """h = silu(g) * u, or act(g) when u is None; contiguous (R, N) in, (R, N) out."""
+    return _run(g, u, None, act == "gelu")[0]
+
+
+@_activation_op.register_fake
+def _activation_fake(g, u, act):
+    return torch.empty_like(g)
+
+
+def _activation_setup(ctx, inputs, output):
+    g, u, act = inputs
+    ctx.save_for_backward(g, u)
+    ctx.act = act
+
+
+def _activation_backward(ctx, dh):
+    g, u = ctx.saved_tensors
+    _, dg, du = _run(g, u, dh.contiguous(), ctx.act == "gelu")
+    return (dg, du, None) if u is not None else (du, None, None)  # ungated: du is d(act input)
+
+
+_activation_op.register_autograd(_activation_backward, setup_context=_activation_setup)
+
+
+def _mapped(x, dim, n):
+    """x with its vmapped dim first ((n, ...); unmapped: expanded), None stays None."""
+    if x is None:
+        return None
+    return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+
+def _linear(x, w, b):
+    """Per model x @ w^T + b: (n, R, K), (n, N, K), (n, N) or None -> (n, R, N)."""
+    y = torch.bmm(x, w.transpose(1, 2))
+    return y if b is None else y + b.unsqueeze(1)
+
+
+@_fwd.register_vmap
+def _fwd_vmap(info, in_dims, x, w_up, w_down, w_gate, b_up, b_down, b_gate, act):
+    n = info.batch_size
+    x, w_up, w_down, w_gate, b_up, b_down, b_gate = (
+        _mapped(t, d, n) for t, d in zip((x, w_up, w_down, w_gate, b_up, b_down, b_gate), in_dims))
+    u = _linear(x, w_up, b_up)
+    g = _linear(x, w_gate, b_gate) if w_gate is not None else u
+    rows = (-1, u.shape[-1])  # the n models' rows as one launch
+    h = _activation_op(g.reshape(rows).contiguous(),
+                       u.reshape(rows).contiguous() if w_gate is not None else None, act)
+    saved_u = u if w_gate is not None else x.new_empty((n, 0))  # split's outputs (unused here)
+    return (_linear(h.view(u.shape), w_down, b_down), g, saved_u), (0, 0, 0)
+
+
 def split_mlp(x, w_up, w_down, w_gate=None, b_up=None, b_down=None, b_gate=None, act="silu"):
     """The MLP of gated_mlp's docstring on cuBLAS GEMMs and one elementwise kernel.
     x: (..., K) -> (..., D) in x's dtype."""

@@ -24,10 +24,10 @@ flash attention, whose vmap rule folds the models into the batch: one launch ove
 rows; the torch path's SDPA calls are folded the same way by ``_FoldedAttention``, since
 PyTorch has no batch rule for the CPU SDPA kernel). The loss: the fused LM head +
 cross-entropy per model where the config's loss_impl resolves to triton (``forward``). The
-MLP always takes the torch path (mlp_impl "torch"): the fused MLP's weights are the
-model's own, so a vmap rule could only loop over the models, and at these widths it does
-not beat cuBLAS (bench/results/mlp-gpu-*). MoE models are refused: the C++ router is not
-batched over models.
+MLP: mlp_impl "split" runs as batched cuBLAS GEMMs around one elementwise launch over all
+models (split_mlp's vmap rule); "auto" and "triton" (the epilogue-fused MLP, whose Triton
+GEMMs read one model's weights) take the torch path in a pack, as does "torch". MoE models
+are refused: the C++ router is not batched over models.
 """
 from __future__ import annotations
 
@@ -166,7 +166,8 @@ class StackedModels(nn.Module):
         for n, b in template.named_buffers():
             self.register_buffer(_key(n), b.detach().clone(), persistent=False)
         with torch.device("meta"):  # the code the pack runs; its weights are ours, passed in
-            base = Transformer(dataclasses.replace(cfg, mlp_impl="torch"))
+            mlp = "split" if cfg.mlp_impl == "split" else "torch"  # the MLPs with a vmap rule
+            base = Transformer(dataclasses.replace(cfg, mlp_impl=mlp))
         object.__setattr__(self, "_base", base)  # not a submodule: .to() must not move meta
 
     def _blocks(self, flat: torch.Tensor) -> dict:

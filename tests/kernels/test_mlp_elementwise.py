@@ -66,6 +66,35 @@ def test_agrees_with_the_epilogue_kernel(kind, bias):
         torch.testing.assert_close(split[name], fused[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("kind, bias", KINDS, ids=lambda v: str(v))
+def test_vmap_over_models_is_batched_gemms_and_one_elementwise_launch(kind, bias, monkeypatch):
+    """vmap over M models' weights (a pack, kcap.pack): torch.bmm for the GEMMs and one
+    elementwise launch over all models' rows, forward and backward. Outputs and gradients
+    are the per-model calls' up to the GEMMs' summation order (bmm vs mm), in fp32."""
+    from torch.func import vmap
+
+    from kcap.kernels import mlp_elementwise
+
+    shape, m = (37, 48, 100, 40), 3
+    models = [_params(shape, kind, bias, torch.float32, seed=s) for s in range(m)]
+    x = torch.stack([xm for xm, _, _ in models]).detach().requires_grad_()
+    act = models[0][2]
+    w = {k: torch.stack([wm[k] for _, wm, _ in models]).detach().requires_grad_() for k in models[0][1]}
+    dy = torch.stack([_output_grad(shape, torch.float32) * (i + 1) for i in range(m)])
+    launches = []
+    real = mlp_elementwise._run
+    monkeypatch.setattr(mlp_elementwise, "_run",
+                        lambda g, *rest: launches.append(tuple(g.shape)) or real(g, *rest))
+    y = vmap(lambda xm, wm: split_mlp(xm, **wm, act=act))(x, w)
+    grads = torch.autograd.grad(y, [x] + [w[k] for k in sorted(w)], dy)
+    assert launches == [(m * shape[0], shape[2])] * 2  # forward, backward: all models at once
+    for i, (xm, wm, _) in enumerate(models):
+        want = _grads(split_mlp, xm, wm, act, dy[i])
+        got = {"y": y[i], "x": grads[0][i], **{k: g[i] for k, g in zip(sorted(w), grads[1:])}}
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_torch_compile_fullgraph_and_leading_dims():
     x, w, act = _params((9, 32, 40, 32), "gated", True, torch.float32)
     x = x.reshape(3, 3, 32).requires_grad_()
