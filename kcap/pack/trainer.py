@@ -205,8 +205,11 @@ def _step(runs: list[Run], active: list[bool], forward, opt, lrs, ids, targets, 
     with runs[0].autocast():
         _, losses = forward(ids, targets)
     device = losses.device
-    watch.update(losses, torch.tensor([r.step for r in runs]).to(device, non_blocking=True),
-                 torch.tensor(active).to(device, non_blocking=True))
+    # pinned on CUDA: a pageable host-to-device copy would wait for the GPU's queue
+    steps, mask = torch.tensor([r.step for r in runs]), torch.tensor(active)
+    if device.type == "cuda":
+        steps, mask = steps.pin_memory(), mask.pin_memory()
+    watch.update(losses, steps.to(device, non_blocking=True), mask.to(device, non_blocking=True))
     losses.sum().backward()
     opt.step(lrs, list(active))
     opt.zero_grad()
