@@ -3,10 +3,11 @@
 #   bash bench/gpu_session.sh tests [PYTEST ARGS]   # GPU kernel, model and pack tests (bf16, CUDA router)
 #   bash bench/gpu_session.sh bench attention mlp   # some benchmarks (or: all)
 #   bash bench/gpu_session.sh experiment r1 500     # r1 --preset gpu for 500 s (resumable)
+#   bash bench/gpu_session.sh priority              # first call of a 15-minute session (~9 min)
 # Installs kcap offline (the GPU image has torch, triton, pybind11, safetensors, ...). Logs go
-# to $LOGS (default $OUT); bench/results/*-gpu-* files are copied there too. Each device call
-# is limited to 10 minutes: split the benchmarks over calls, and bound each stage with
-# `timeout` so that the logs survive a stage that runs long.
+# to $LOGS (default $OUT; bundled as logs.tgz past 8 files); bench/results/*-gpu-* files are
+# copied there too. Each device call is limited to 10 minutes: split the benchmarks over
+# calls, and bound each stage with `timeout` so that the logs survive a stage that runs long.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 LOGS=${LOGS:-${OUT:-/tmp/kcap-gpu}}
@@ -43,6 +44,22 @@ elif [ "$stage" = bench ]; then
     python3 -m bench "$subject" 2>&1 | tee "$LOGS/bench-$subject.log"
   done
   cp bench/results/*-gpu-* "$LOGS/" 2>/dev/null || true
+elif [ "$stage" = priority ]; then
+  # What only a GPU shows, most decisive first, in one call under the 10-minute limit (run it
+  # with timeout_s 600): the untested CUDA paths (packs, the fused loss, the kernels' vmap
+  # rules), then the pack's speed-up and MFU (gpt2-4-4, M = 1 and 16, eager / compiled / CUDA
+  # graphs, data share), the profile of the solo step, the fused loss against eager and Liger.
+  KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout 150 \
+  python3 -m pytest tests/pack/test_gpu.py tests/kernels/test_cross_entropy.py \
+    tests/kernels/test_mlp_elementwise.py "tests/kernels/test_attention.py::test_vmap_folds_the_mapped_dim_into_the_batch" \
+    -v -p no:cacheprovider -rfE --tb=short > "$LOGS/gpu-tests.log" 2>&1
+  grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
+  for step in "pack 170" "profile 90" "cross_entropy 90"; do
+    set -- $step
+    timeout "$2" python3 -m bench "$1" --quick > "$LOGS/bench-$1.log" 2>&1
+    echo "bench $1: exit $? (124: stopped at $2 s)"
+  done
+  cp bench/results/*-gpu-* "$LOGS/" 2>/dev/null || true
 elif [ "$stage" = experiment ]; then
   # An experiment's gpu preset, as much as fits in the time given; the sweep lives on the
   # machine (checkpoints are too big to bring back) and continues on the next call while the
@@ -58,6 +75,12 @@ elif [ "$stage" = experiment ]; then
   (cd "$sweep" && cp -r --parents results.jsonl results.md figures runs/*/log.jsonl \
     runs/*/config.json runs/*/report.json "$LOGS/$key-gpu/" 2>/dev/null) || true
 else
-  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...] | experiment KEY [SECONDS]" >&2
+  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...] | priority | experiment KEY [SECONDS]" >&2
   exit 2
+fi
+# The device tool brings back at most 8 files from $OUT (two folders down): more go back as
+# one archive, gpu.txt beside it
+if [ "$(find "$LOGS" -type f | wc -l)" -gt 8 ]; then
+  tar czf /tmp/kcap-logs.tgz -C "$LOGS" . && find "$LOGS" -mindepth 1 ! -name gpu.txt -delete \
+    && mv /tmp/kcap-logs.tgz "$LOGS/logs.tgz" && echo "logs: $LOGS/logs.tgz (tar xzf it)"
 fi
