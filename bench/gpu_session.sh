@@ -43,7 +43,7 @@ elif [ "$stage" = bench ]; then
   for subject in "${subjects[@]}"; do
     python3 -m bench "$subject" 2>&1 | tee "$LOGS/bench-$subject.log"
   done
-  cp bench/results/*-gpu-* "$LOGS/" 2>/dev/null || true
+  find bench/results -name "*-gpu-*" -newer "$LOGS/gpu.txt" -exec cp {} "$LOGS/" \; 2>/dev/null || true  # this call's
 elif [ "$stage" = priority ]; then
   # What only a GPU shows, most decisive first, in one call under the 10-minute limit (run it
   # with timeout_s 600): the untested CUDA paths (packs, the fused loss, the kernels' vmap
@@ -59,7 +59,7 @@ elif [ "$stage" = priority ]; then
     timeout "$2" python3 -m bench "$1" --quick > "$LOGS/bench-$1.log" 2>&1
     echo "bench $1: exit $? (124: stopped at $2 s)"
   done
-  cp bench/results/*-gpu-* "$LOGS/" 2>/dev/null || true
+  find bench/results -name "*-gpu-*" -newer "$LOGS/gpu.txt" -exec cp {} "$LOGS/" \; 2>/dev/null || true  # this call's
 elif [ "$stage" = experiment ]; then
   # An experiment's gpu preset, as much as fits in the time given; the sweep lives on the
   # machine (checkpoints are too big to bring back) and continues on the next call while the
