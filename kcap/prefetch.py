@@ -93,6 +93,14 @@ class PrefetchedStream:
         self._thread.join(timeout=10)
 
 
+def upload(t, device):
+    """A small host tensor on ``device`` without a host synchronisation: on CUDA through
+    pinned memory (a pageable host-to-device copy waits for the GPU's queue)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def tokens_on(stream, windows, device):
     """The batch's tokens (n, window + 1) int64 on ``device``: from the pinned copy, without
     blocking, when ``stream`` prefetches."""

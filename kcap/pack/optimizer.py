@@ -27,18 +27,11 @@ import math
 import torch
 
 from kcap.pack.stacked import StackedModels, decayed  # noqa: F401 (decayed: the grouping rule)
+from kcap.prefetch import upload
 
 # columns of the per-step coefficient table (M, len(_COLUMNS))
 _COLUMNS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size",
             "bias_correction2_sqrt", "eps", "max_norm")
-
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``; on CUDA through pinned memory, so that the copy
-    does not wait for the GPU (a pageable copy would synchronise the stream)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class StackedAdamW:
@@ -119,7 +112,8 @@ class StackedAdamW:
             rows.append([1 - lr * self.weight_decay[i], 1 - b1, b2, 1 - b2, -(lr / bias_correction1),
                          bias_correction2 ** 0.5, self.eps[i], self.max_grad_norm[i]])
         # float64 -> float32 rounds each value as torch's kernels round a Python scalar
-        return _upload(torch.tensor(rows, dtype=torch.float64).to(torch.float32), self.pack.flat.device)
+        table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+        return upload(table, self.pack.flat.device)
 
     @torch.no_grad()
     def step(self, lrs, active=None) -> torch.Tensor:
@@ -181,7 +175,7 @@ class StackedAdamW:
         p, m, v = self.pack.flat, self._exp_avg_flat, self._exp_avg_sq_flat
         rows = None
         if not all(active):
-            rows = _upload(torch.tensor([i for i, a in enumerate(active) if a]), p.device)
+            rows = upload(torch.tensor([i for i, a in enumerate(active) if a]), p.device)
             p, m, v, g = (t.index_select(0, rows) for t in (p, m, v, g))
             c = {k: col.index_select(0, rows) for k, col in c.items()}
         for a, b in self._decay_ranges:  # group 1 has weight_decay 0: no multiply at all

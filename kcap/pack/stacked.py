@@ -95,7 +95,7 @@ def decayed(solo_ndim: int) -> bool:
 
 
 def _key(name: str) -> str:
-    """A solo parameter name as a ParameterDict key ('.' is not allowed there)."""
+    """A solo buffer name as a module attribute ('.' is not allowed there)."""
     return name.replace(".", "-")
 
 

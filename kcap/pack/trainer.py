@@ -41,7 +41,7 @@ from kcap.budget import learning_rate
 from kcap.console import note
 from kcap.run_config import TrainConfig
 from kcap.run_lock import run_lock
-from kcap.prefetch import PrefetchedStream, tokens_on, use_prefetch
+from kcap.prefetch import PrefetchedStream, tokens_on, upload, use_prefetch
 from kcap.run_setup import FiniteWatch, Run, TrainingDiverged, open_run
 
 # fields every run of a pack must share (one architecture, one window, one device/precision)
@@ -198,18 +198,16 @@ def _batch(runs: list[Run], active: list[bool], width: int, opt):
 
 def _step(runs: list[Run], active: list[bool], forward, opt, lrs, ids, targets, watch):
     """One training step of the active runs (``forward``: the pack, or its compiled form);
-    returns every model's loss ((M,) tensor on the device, 0 for inactive ones). Nothing here waits for the device: non-finite losses are
-    recorded by ``watch`` and read at the next log, evaluation or checkpoint (``_check``)."""
+    returns every model's loss ((M,) tensor on the device, 0 for inactive ones). Nothing
+    here waits for the device: non-finite losses are recorded by ``watch`` and read at the
+    next log, evaluation or checkpoint (``_check``)."""
     import torch
 
     with runs[0].autocast():
         _, losses = forward(ids, targets)
     device = losses.device
-    # pinned on CUDA: a pageable host-to-device copy would wait for the GPU's queue
-    steps, mask = torch.tensor([r.step for r in runs]), torch.tensor(active)
-    if device.type == "cuda":
-        steps, mask = steps.pin_memory(), mask.pin_memory()
-    watch.update(losses, steps.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+    watch.update(losses, upload(torch.tensor([r.step for r in runs]), device),
+                 upload(torch.tensor(active), device))
     losses.sum().backward()
     opt.step(lrs, list(active))
     opt.zero_grad()
