@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import UPCAST as _UPCAST_FLAG, check_device, config, configs, dot_precision
+from .runtime import (UPCAST as _UPCAST_FLAG, check_device, config, configs, dot_precision,
+                      vmapped_first)
 
 LOG2E = 1.4426950408889634
 UPCAST = tl.constexpr(_UPCAST_FLAG)  # a global the kernels may read (must be constexpr)
@@ -316,7 +317,7 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 def _fold(x, dim, n):
     """x with its vmapped dim ``dim`` (None: not vmapped, so expanded) merged into the batch:
     (n * B, ...)."""
-    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+    x = vmapped_first(x, dim, n)
     return x.reshape(n * x.shape[1], *x.shape[2:])
 
 

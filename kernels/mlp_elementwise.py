@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .gated_mlp import (_act, _act_grad, _backward_of, _check, _input_and_weight_grads,
                         _mlp_bwd_fake, _mlp_fwd_fake, _setup)
+from .runtime import vmapped_first
 
 BLOCK = 1024
 
@@ -132,13 +133,6 @@ def _activation_backward(ctx, dh):
 _activation_op.register_autograd(_activation_backward, setup_context=_activation_setup)
 
 
-def _mapped(x, dim, n):
-    """x with its vmapped dim first ((n, ...); unmapped: expanded), None stays None."""
-    if x is None:
-        return None
-    return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
-
-
 def _linear(x, w, b):
     """Per model x @ w^T + b: (n, R, K), (n, N, K), (n, N) or None -> (n, R, N)."""
     y = torch.bmm(x, w.transpose(1, 2))
@@ -148,8 +142,9 @@ def _linear(x, w, b):
 @_fwd.register_vmap
 def _fwd_vmap(info, in_dims, x, w_up, w_down, w_gate, b_up, b_down, b_gate, act):
     n = info.batch_size
+    args = (x, w_up, w_down, w_gate, b_up, b_down, b_gate)
     x, w_up, w_down, w_gate, b_up, b_down, b_gate = (
-        _mapped(t, d, n) for t, d in zip((x, w_up, w_down, w_gate, b_up, b_down, b_gate), in_dims))
+        vmapped_first(t, d, n) for t, d in zip(args, in_dims))
     u = _linear(x, w_up, b_up)
     g = _linear(x, w_gate, b_gate) if w_gate is not None else u
     rows = (-1, u.shape[-1])  # the n models' rows as one launch

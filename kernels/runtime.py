@@ -62,6 +62,14 @@ def config(**kwargs) -> "triton.Config":
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
+def vmapped_first(x, dim, n: int):
+    """In a vmap rule: ``x`` with its vmapped dim ``dim`` moved first, (n, ...); an unmapped
+    input (dim None) expanded to n; None stays None."""
+    if x is None:
+        return None
+    return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+
 def check_device(*tensors) -> None:
     """Kernels need CUDA tensors, or CPU tensors under the interpreter; one device for all."""
     devices = {t.device for t in tensors}
