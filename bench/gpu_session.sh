@@ -47,14 +47,16 @@ elif [ "$stage" = bench ]; then
 elif [ "$stage" = priority ]; then
   # What only a GPU shows, most decisive first, in one call under the 10-minute limit (run it
   # with timeout_s 600): the untested CUDA paths (packs, the fused loss, the kernels' vmap
-  # rules), then the pack's speed-up and MFU (gpt2-4-4, M = 1 and 16, eager / compiled / CUDA
-  # graphs, data share), the profile of the solo step, the fused loss against eager and Liger.
-  KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout 150 \
+  # rules, the W4A16 decode kernel), then the pack's speed-up and MFU (gpt2-4-4, M = 1 and 16,
+  # eager / compiled / CUDA graphs, data share), the profile of the solo step, the fused loss
+  # against eager and Liger, W4A16 at M = 1-16 (eager and graphed) against cuBLAS.
+  KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout 140 \
   python3 -m pytest tests/pack/test_gpu.py tests/kernels/test_cross_entropy.py \
     tests/kernels/test_mlp_elementwise.py "tests/kernels/test_attention.py::test_vmap_folds_the_mapped_dim_into_the_batch" \
+    tests/kernels/test_w4a16_decode.py \
     -v -p no:cacheprovider -rfE --tb=short > "$LOGS/gpu-tests.log" 2>&1
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
-  for step in "pack 170" "profile 90" "cross_entropy 90"; do
+  for step in "pack 170" "profile 90" "cross_entropy 80" "quant_matmul 60"; do
     set -- $step
     timeout "$2" python3 -m bench "$1" --quick > "$LOGS/bench-$1.log" 2>&1
     echo "bench $1: exit $? (124: stopped at $2 s)"

@@ -2,12 +2,16 @@
 (cuBLAS) in the same run, K = N = 4096 and 8192, M = 1 .. 16 (memory-bound; ideal ~2x and
 ~3.9x) and M = 64 .. 4096, where both large-M paths are timed (the tiled kernel, and
 dequantize + cuBLAS, which the wrapper uses from DEQUANT_MIN_M rows) to place that
-threshold. Without a GPU this says so and times an interpreter-sized case on the CPU (a
-harness check, not a speed figure).
+threshold. At M <= 16 the int4 rows are the decode kernel (w4a16_decode.py) and, beside it,
+the general split-K kernel it replaced; each of those cases is timed twice: called from
+Python (launch overhead included, as in an eager loop) and replayed from a CUDA graph (the
+kernels alone, as in a graphed decoding loop; case names end in "graph"). `--quick` on a
+GPU: K = N = 4096, M = 1, 4, 16. Without a GPU this says so and times an interpreter-sized
+case on the CPU (a harness check, not a speed figure).
 """
 from __future__ import annotations
 
-from bench.harness import Stages, kernel_device, save
+from bench.harness import Stages, kernel_device, save, time_gpu_graph
 
 
 def run(quick: bool = False) -> None:
@@ -16,6 +20,7 @@ def run(quick: bool = False) -> None:
     gpu, timer = kernel_device()
     from kcap.kernels import quant_matmul as Q
     from kcap.kernels import quant_pack as qp
+    from kcap.kernels import w4a16_decode as D
     from kcap.kernels.quant_matmul import int4_matmul, int8_matmul
 
     def forced(fn, threshold):  # run fn with the wrapper's large-M threshold set to threshold
@@ -27,10 +32,19 @@ def run(quick: bool = False) -> None:
                 Q.DEQUANT_MIN_M = saved
         return run
 
+    def general(fn):  # run fn with the decode kernel switched off (the kernel it replaced)
+        def run():
+            saved, D.supports = D.supports, lambda *args: False
+            try:
+                return fn()
+            finally:
+                D.supports = saved
+        return run
+
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
     if gpu:
         shapes = [(m, n) for n in ((4096,) if quick else (4096, 8192))
-                  for m in (1, 4, 16, 64, 256, 1024, 4096)]
+                  for m in ((1, 4, 16) if quick else (1, 4, 16, 64, 256, 1024, 4096))]
     else:
         shapes = [(1, 256), (32, 256)]
     rows = []
@@ -45,7 +59,8 @@ def run(quick: bool = False) -> None:
         int8, int4 = (lambda: int8_matmul(x, q8, s8)), (lambda: int4_matmul(x, q4, s4, z4, 128))
         providers = [("torch matmul", lambda: x @ w16.t())]
         if M <= Q.SMALL_M:
-            providers += [("kcap int8", int8), ("kcap int4 g128", int4)]
+            providers += [("kcap int8", int8), ("kcap int4 g128", int4),
+                          ("kcap int4 g128 general split-K", general(int4))]
         else:
             never, always = 1 << 62, 0
             providers += [("kcap int8 tiled", forced(int8, never)),
@@ -54,10 +69,14 @@ def run(quick: bool = False) -> None:
                           ("kcap int4 g128 dequant+cuBLAS", forced(int4, always))]
         case = f"M {M} K {K} N {N} {str(dtype)[6:]}"
         stages.start(f"{case}: {', '.join(p for p, _ in providers)}")
-        for provider, fn in providers:
-            seconds = timer(fn)
-            rows.append({"case": case, "kernel": "quant_matmul", "provider": provider,
-                         "shape": [M, K, N], "dtype": str(dtype), "median_s": seconds,
-                         "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s"})
+        timers = [(case, timer)]
+        if gpu and M <= Q.SMALL_M:
+            timers.append((case + " graph", time_gpu_graph))
+        for name, time_fn in timers:
+            for provider, fn in providers:
+                seconds = time_fn(fn)
+                rows.append({"case": name, "kernel": "quant_matmul", "provider": provider,
+                             "shape": [M, K, N], "dtype": str(dtype), "median_s": seconds,
+                             "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s"})
     stages.finish()
     save("quant_matmul", rows, baseline="torch matmul")

@@ -105,6 +105,13 @@ def _kernels():
                 {"HAS_BIAS": True, "BLOCK_M": 64, "DOT": "tf32"}))
     out.append(("MoE grouped weight gradient", GG._grouped_wgrad,
                 {"X": bf, "DY": bf, "SEG": "*i64", "DW": bf}, {"BLOCK_M": 64, "DOT": "tf32"}))
+    from kcap.kernels import w4a16_decode as D
+    for dt in (bf, "*fp16"):
+        out.append((f"W4A16 decode {dt[1:]}", D._w4_decode,
+                    {"X": dt, "W": "*i32", "S": f32, "Z": "*u8", "BIAS": dt, "OUT": dt, "PART": f32,
+                     "COUNT": "*i32", "M": 4, "swn": K // 8, "ssn": K // 128, "ssg": 1},
+                    {"GROUP": 128, "HAS_BIAS": False, "MAGIC": 0x4300 if dt == bf else 0x6400,
+                     "BASE": 128.0 if dt == bf else 1024.0}))
     for bits, group in ((8, 0), (4, 128)):
         w = "*i8" if bits == 8 else "*u8"
         # weights (N, K) int8 or (N, K / 2) packed int4, scales per channel or per group
@@ -159,8 +166,30 @@ def _specialized(fn, types: dict, constexprs: dict):
     return signature, constants, attrs
 
 
+def _loop_instructions(cubin: bytes) -> tuple[int, int]:
+    """(instructions, integer-to-float conversions) of the kernel's main loop in SASS: the
+    longest span from a label to a branch back to it (nvdisasm, shipped with Triton)."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        lines = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [x for x in lines[labels[m.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", x)]
+            best = max(best, body, key=len)
+    return len(best), sum(" I2F" in x for x in best)
+
+
 def _compile(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict:
-    """{regs, spill_stores, spill_loads, shared} of one compiled variant (ptxas -v)."""
+    """{regs, spill_stores, spill_loads, shared, cubin} of one compiled variant (ptxas -v)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -179,7 +208,7 @@ def _compile(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict
     stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                                        report).groups())
     return {"regs": regs, "spill_stores": stores, "spill_loads": loads,
-            "shared": int(getattr(compiled.metadata, "shared", 0))}
+            "shared": int(getattr(compiled.metadata, "shared", 0)), "cubin": compiled.asm["cubin"]}
 
 
 def run(quick: bool = False) -> Path:
@@ -188,7 +217,7 @@ def run(quick: bool = False) -> Path:
     kernels = _kernels()
     if quick:
         kernels = kernels[:3]
-    rows, flagged = [], 0
+    rows, flagged, loops = [], 0, []
     stages = Stages("registers", len(kernels))
     for label, kernel, types, constexprs in kernels:
         fn, candidates = _candidates(kernel)
@@ -208,6 +237,11 @@ def run(quick: bool = False) -> Path:
                                          ("shared memory over 227 KB", r["shared"] > SHARED_LIMIT))
                         if bad]
             flagged += bool(problems)
+            if label.startswith("W4A16"):  # one group of 128 codes per row and loop iteration
+                body, i2f = _loop_instructions(r["cubin"])
+                weights = extra["BLOCK_N"] * 128 / (32 * warps)
+                loops.append(f"| {label} | {cand} | {warps} / {num_stages} | {body} | "
+                             f"{weights:g} | {body / weights:.2f} | {i2f / weights:.2f} |")
             rows.append(f"| {label} | {cand} | {warps} / {num_stages} | {r['regs']} | "
                         f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | "
                         f"{'**' + ', '.join(problems) + '**' if problems else 'ok'} |")
@@ -221,6 +255,14 @@ def run(quick: bool = False) -> Path:
              "over 227 KB, or not compiling)", "",
              "| kernel | candidate | warps / stages | registers | spill bytes (st / ld) | "
              "shared KB | verdict |", "|---|---|---|---|---|---|---|", *rows, ""]
+    if loops:  # W4A16 is bound by instruction issue once its bytes are few (issue 16)
+        lines += ["## W4A16 main loop in SASS", "",
+                  "Instructions a thread issues per iteration of the main loop, per weight it "
+                  "dequantizes there, and how many of them are integer-to-float conversions "
+                  "(quarter rate on an H100).", "",
+                  "| kernel | candidate | warps / stages | loop instructions | weights per thread "
+                  "| instructions per weight | I2F per weight |", "|---|---|---|---|---|---|---|",
+                  *loops, ""]
     path = RESULTS / f"registers-sm90-{env['date'][:10]}.md"
     write_text(path, "\n".join(lines))
     print("\n".join(lines))

@@ -170,11 +170,12 @@ def test_leading_dims_and_bad_input():
 @pytest.mark.parametrize("which, index", [("small", i) for i in range(len(Q.SMALL_CANDIDATES))] +
                          [("large", i) for i in range(len(Q.LARGE_CANDIDATES))])
 def test_every_autotune_candidate(which, index):
-    """Each candidate alone: the small-M (split-K) kernel serves M <= 16, the tiled one larger M."""
+    """Each candidate alone: the small-M (split-K) kernel serves M <= 16 (int4 only in fp32:
+    fp16/bf16 go to w4a16_decode, tested in test_w4a16_decode), the tiled one larger M."""
     kernel, candidates, M = ((Q._wq_small, Q.SMALL_CANDIDATES, 5) if which == "small" else
                              (Q._wq_large, Q.LARGE_CANDIDATES, 70))
     with pinned((kernel, candidates[index])):
-        for dtype in ([torch.float16, torch.bfloat16] if CUDA else [torch.float16]):
+        for dtype in [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else []):
             for kind in (8, 4):
                 _check(kind, M, 100, 256, dtype, group=64)
                 if CUDA:  # a wider case, still on the same path
