@@ -11,6 +11,10 @@ the JIT's specialization for typical arguments (aligned pointers, strides of 1 a
 constants, sizes divisible by 16 hinted): without it Triton emits scalar, unpipelined
 loads and the register counts say nothing about the real kernels.
 
+For the W4A16 kernels it also counts the SASS instructions of the main loop per weight
+dequantized there (nvdisasm, also in the wheel): at decode sizes the bytes are few, and
+instruction issue, not memory, can set the speed.
+
 Writes bench/results/registers-sm90-<date>.md. Needs no GPU; about a minute on 2 cores.
 """
 from __future__ import annotations
