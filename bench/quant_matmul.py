@@ -2,12 +2,12 @@
 (cuBLAS) in the same run, K = N = 4096 and 8192, M = 1 .. 16 (memory-bound; ideal ~2x and
 ~3.9x) and M = 64 .. 4096, where both large-M paths are timed (the tiled kernel, and
 dequantize + cuBLAS, which the wrapper uses from DEQUANT_MIN_M rows) to place that
-threshold. At M <= 16 the int4 rows are the decode kernel (w4a16_decode.py) and, beside it,
-the general split-K kernel it replaced; each of those cases is timed twice: called from
-Python (launch overhead included, as in an eager loop) and replayed from a CUDA graph (the
-kernels alone, as in a graphed decoding loop; case names end in "graph"). `--quick` on a
-GPU: K = N = 4096, M = 1, 4, 16. Without a GPU this says so and times an interpreter-sized
-case on the CPU (a harness check, not a speed figure).
+threshold. The int4 rows are w4a16.py's kernels (split-K at M <= 16, tiled above) and,
+beside them, the general kernels they replaced ("general"). Cases at M <= 16 are timed
+twice: called from Python (launch overhead included, as in an eager loop) and replayed
+from a CUDA graph (the kernels alone, as in a graphed decoding loop; case names end in
+"graph"). `--quick` on a GPU: K = N = 4096, M = 1, 4, 16. Without a GPU this says so and
+times an interpreter-sized case on the CPU (a harness check, not a speed figure).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run(quick: bool = False) -> None:
     gpu, timer = kernel_device()
     from kcap.kernels import quant_matmul as Q
     from kcap.kernels import quant_pack as qp
-    from kcap.kernels import w4a16_decode as D
+    from kcap.kernels import w4a16 as W4
     from kcap.kernels.quant_matmul import int4_matmul, int8_matmul
 
     def forced(fn, threshold):  # run fn with the wrapper's large-M threshold set to threshold
@@ -32,13 +32,13 @@ def run(quick: bool = False) -> None:
                 Q.DEQUANT_MIN_M = saved
         return run
 
-    def general(fn):  # run fn with the decode kernel switched off (the kernel it replaced)
+    def general(fn):  # run fn with w4a16.py switched off (the kernels it replaced)
         def run():
-            saved, D.supports = D.supports, lambda *args: False
+            saved, W4.supports = W4.supports, lambda *args: False
             try:
                 return fn()
             finally:
-                D.supports = saved
+                W4.supports = saved
         return run
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
@@ -66,6 +66,7 @@ def run(quick: bool = False) -> None:
             providers += [("kcap int8 tiled", forced(int8, never)),
                           ("kcap int8 dequant+cuBLAS", forced(int8, always)),
                           ("kcap int4 g128 tiled", forced(int4, never)),
+                          ("kcap int4 g128 general tiled", forced(general(int4), never)),
                           ("kcap int4 g128 dequant+cuBLAS", forced(int4, always))]
         case = f"M {M} K {K} N {N} {str(dtype)[6:]}"
         stages.start(f"{case}: {', '.join(p for p, _ in providers)}")

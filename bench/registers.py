@@ -109,24 +109,27 @@ def _kernels():
                 {"HAS_BIAS": True, "BLOCK_M": 64, "DOT": "tf32"}))
     out.append(("MoE grouped weight gradient", GG._grouped_wgrad,
                 {"X": bf, "DY": bf, "SEG": "*i64", "DW": bf}, {"BLOCK_M": 64, "DOT": "tf32"}))
-    from kcap.kernels import w4a16_decode as D
+    from kcap.kernels import w4a16 as W4
     for dt in (bf, "*fp16"):
-        out.append((f"W4A16 decode {dt[1:]}", D._w4_decode,
-                    {"X": dt, "W": "*i32", "S": f32, "Z": "*u8", "BIAS": dt, "OUT": dt, "PART": f32,
-                     "COUNT": "*i32", "M": 4, "swn": K // 8, "ssn": K // 128, "ssg": 1},
-                    {"GROUP": 128, "HAS_BIAS": False, "MAGIC": 0x4300 if dt == bf else 0x6400,
-                     "BASE": 128.0 if dt == bf else 1024.0}))
+        half = {"X": dt, "W": "*i32", "S": f32, "Z": "*u8", "BIAS": dt, "OUT": dt,
+                "swn": K // 8, "ssn": K // 128, "ssg": 1}
+        magic = {"GROUP": 128, "HAS_BIAS": False, "MAGIC": 0x4300 if dt == bf else 0x6400,
+                 "BASE": 128.0 if dt == bf else 1024.0}
+        out.append((f"W4A16 half split-K {dt[1:]}", W4._w4_split,
+                    {**half, "PART": f32, "COUNT": "*i32", "M": 4}, magic))
+        out.append((f"W4A16 half tiled {dt[1:]}", W4._w4_tiled, {**half, "M": 512}, magic))
     for bits, group in ((8, 0), (4, 128)):
+        general = " general" if bits == 4 else ""  # int4 here only for fp32 activations
         w = "*i8" if bits == 8 else "*u8"
         # weights (N, K) int8 or (N, K / 2) packed int4, scales per channel or per group
         ptrs = {"X": bf, "W": w, "S": f32, "Z": "*u8", "BIAS": bf, "swn": K if bits == 8 else K // 2,
                 "swk": 1, "ssn": 1 if bits == 8 else K // group, "ssg": 0 if bits == 8 else 1}
         for split in (True, False):
-            out.append((f"W{bits}A16 small M{' split-K' if split else ''}", Q._wq_small,
+            out.append((f"W{bits}A16{general} small M{' split-K' if split else ''}", Q._wq_small,
                         {**ptrs, "OUT": f32 if split else bf, "M": 4},
                         {"BITS": bits, "GROUP": group, "SPLIT": split, "HAS_BIAS": False,
                          "BLOCK_K": group if bits == 4 else 64, "DOT": "tf32"}))
-        out.append((f"W{bits}A16 large M", Q._wq_large, {**ptrs, "OUT": bf},
+        out.append((f"W{bits}A16{general} large M", Q._wq_large, {**ptrs, "OUT": bf},
                     {"BITS": bits, "GROUP": group, "SPLIT": False, "HAS_BIAS": False,
                      "BLOCK_K": group if bits == 4 else 64, "DOT": "tf32"}))
     return out

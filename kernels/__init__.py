@@ -6,8 +6,8 @@ file can be lifted into another project with ``runtime.py`` beside it. Kernels s
 ``GatedMLP`` (gated SiLU, GELU or SiLU MLPs with the activation in the matmul epilogues);
 ``split_mlp``, the same MLP on cuBLAS GEMMs around one elementwise kernel.
 ``grouped_linear`` is the MoE experts' grouped GEMM; ``quant_matmul`` holds the weight-only
-int8/int4 matmuls (formats in ``quant_pack``; int4 at decode sizes in
-``w4a16_decode``); ``linear_cross_entropy`` is the LM head and
+int8/int4 matmuls (formats in ``quant_pack``; int4 with fp16/bf16
+activations in ``w4a16``); ``linear_cross_entropy`` is the LM head and
 its cross-entropy fused (the logits never exist for the whole batch).
 """
 from .attention import attention_reference, flash_attention

@@ -9,8 +9,9 @@ packed in memory and are dequantized inside the kernel; accumulation is fp32. In
 activation dtype and the scales are applied to the fp32 accumulator: per output channel once
 at the end (int8), per group after each K block (int4, whose K blocks are exactly one group).
 
-Paths, chosen by the wrapper: int4 with M <= 16 rows of fp16/bf16 (decoding) goes to
-w4a16_decode.py (one launch, dequantizing two codes per integer op); other M <= 16 cases use
+Paths, chosen by the wrapper: int4 with fp16/bf16 activations goes to w4a16.py below
+DEQUANT_MIN_M rows (it dequantizes two codes per integer op, and at M <= 16 splits K in one
+launch); the kernels here serve int8, and int4 with fp32 activations: M <= 16 rows use
 16-row tiles and split K across programs, writing fp32 partial sums that are added
 afterwards (deterministic, no atomics) so that a handful of rows still fills the GPU; larger
 M use ordinary 2-d tiles; from
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import w4a16_decode
+from . import w4a16
 from .quant_pack import check_group_size, dequantize_int4, dequantize_int8
 from .runtime import INTERPRET, check_device, config, configs
 from .runtime import UPCAST as _UPCAST_FLAG, dot_precision
@@ -181,8 +182,8 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
     dot = dot_precision(x.dtype)
     if M >= DEQUANT_MIN_M:
         out = torch.nn.functional.linear(x2, _dequantize(w, s, z, bits, group, n, K, x.dtype), bias)
-    elif bits == 4 and w4a16_decode.supports(x2, w):
-        out = w4a16_decode.w4a16_decode(x2, w, s, z, group, bias)
+    elif bits == 4 and w4a16.supports(x2, w):
+        out = w4a16.w4a16_matmul(x2, w, s, z, group, bias)
     elif M <= SMALL_M:
         split = _split_k(K, block_k)
         k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
