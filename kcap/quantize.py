@@ -176,6 +176,7 @@ def _hessian(model, layer: nn.Module, batches) -> torch.Tensor:
     return H / max(count, 1)
 
 
+@torch.no_grad()  # the buffers are data: none may keep the weights' autograd graph
 def quantize_model(model, bits: int, method: str = "rtn", group_size: int = 128,
                    calibration=None, include_head: bool = False) -> tuple[list[str], dict]:
     """Swap the model's target Linear layers for QuantLinear in place.

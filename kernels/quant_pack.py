@@ -87,7 +87,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128):
     _check_weight(w)
     N, K = w.shape
     check_group_size(K, group_size)
-    groups = w.float().reshape(N, K // group_size, group_size)
+    groups = w.detach().float().reshape(N, K // group_size, group_size)  # data, not a graph
     scale, zero = int4_params(groups)
     codes = quantize_int4_codes(groups, scale[..., None], zero[..., None]).reshape(N, K)
     return pack_int4(codes), scale, zero.to(torch.uint8)

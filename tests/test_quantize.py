@@ -99,6 +99,19 @@ def test_int4_leaves_ungroupable_layers_in_floating_point():
     assert isinstance(model.blocks[0].mlp.down, torch.nn.Linear)
 
 
+@pytest.mark.parametrize("bits, method", [(4, "rtn"), (8, "rtn"), (4, "gptq")])
+def test_quantized_buffers_hold_no_autograd_graph(bits, method):
+    """The codes, scales and zero points are data: before, int4 RTN left the scales tied to
+    the float weights' graph, and a second backward through the quantized model (LoRA's
+    second step) failed with "backward through the graph a second time"."""
+    from kcap.models import build_model
+    torch.manual_seed(0)
+    model = build_model("gpt2-1-2", 100, context=32)
+    batches = [torch.randint(0, 100, (2, 32))] if method == "gptq" else None
+    quantize_model(model, bits, method, 32, calibration=batches)
+    assert not any(b.requires_grad or b.grad_fn is not None for b in model.buffers())
+
+
 def test_quantlinear_matches_linear_after_rtn():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 24)
