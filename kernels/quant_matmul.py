@@ -19,6 +19,8 @@ DEQUANT_MIN_M rows on, the weight is dequantized to x's dtype in one pass and to
 (cuBLAS) does the rest, since at that size the matmul is compute-bound and reading the packed
 weight saves nothing (on an H100 at M = 4096 the tiled kernel ran at 0.57x (int8) and 0.06x
 (int4) of a bf16 cuBLAS matmul: bench/results/quant_matmul-gpu-2026-11-24.md).
+Both are differentiable in x and the bias (dx = dy @ dequant(W), the weight being data, as
+in QLoRA); without a gradient to compute they call the kernels directly.
 ``quant_matmul_reference`` is the plain PyTorch definition the tests hold them to.
 """
 from __future__ import annotations
@@ -206,6 +208,36 @@ def _run(x, w, s, z, bits: int, group: int, n: int, bias):
     return out.view(*lead, n)
 
 
+class _QuantMatmul(torch.autograd.Function):
+    """_run with gradients for x and the bias: dx = dy @ dequant(W) (the weight is data, as
+    in QLoRA: its codes take no gradient), computed by dequantizing to dy's dtype and one
+    matmul, like the large-M forward path."""
+
+    @staticmethod
+    def forward(ctx, x, w, s, z, bits, group, n, bias):
+        ctx.save_for_backward(w, s, z)
+        ctx.meta = (bits, group, n, x.shape[-1], bias is not None)
+        return _run(x, w, s, z, bits, group, n, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, s, z = ctx.saved_tensors
+        bits, group, n, K, has_bias = ctx.meta
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ _dequantize(w, s, z, bits, group, n, K, dy.dtype)
+        if has_bias and ctx.needs_input_grad[7]:
+            db = dy.reshape(-1, n).sum(0)
+        return dx, None, None, None, None, None, None, db
+
+
+def _matmul(x, w, s, z, bits: int, group: int, n: int, bias):
+    """_run, through autograd only where a gradient is wanted (decoding pays nothing)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantMatmul.apply(x, w, s, z, bits, group, n, bias)
+    return _run(x, w, s, z, bits, group, n, bias)
+
+
 def _check_x(x, bias, n):
     if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
         raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got "
@@ -227,7 +259,7 @@ def int8_matmul(x, qweight, scale, bias=None):
     if scale.shape != (n,) or scale.dtype != torch.float32:
         raise ValueError(f"scale must be ({n},) float32, got {tuple(scale.shape)} {scale.dtype}")
     check_device(x, qweight, scale, *([bias] if bias is not None else []))
-    return _run(x, qweight, scale, None, 8, 0, n, bias)
+    return _matmul(x, qweight, scale, None, 8, 0, n, bias)
 
 
 def int4_matmul(x, qweight, scales, zeros, group_size: int, bias=None):
@@ -245,7 +277,7 @@ def int4_matmul(x, qweight, scales, zeros, group_size: int, bias=None):
     if zeros.shape != groups or zeros.dtype != torch.uint8:
         raise ValueError(f"zeros must be {groups} uint8, got {tuple(zeros.shape)} {zeros.dtype}")
     check_device(x, qweight, scales, zeros, *([bias] if bias is not None else []))
-    return _run(x, qweight, scales.contiguous(), zeros.contiguous(), 4, group_size, n, bias)
+    return _matmul(x, qweight, scales.contiguous(), zeros.contiguous(), 4, group_size, n, bias)
 
 
 def quant_matmul_reference(x, qweight, scale, zeros=None, group_size=None, bias=None):

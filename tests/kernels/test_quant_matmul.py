@@ -146,6 +146,28 @@ def test_kernels_bf16_gpu(kind, M, N, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [5, 40], ids=["split-k", "tiled"])
+@pytest.mark.parametrize("kind", [8, 4], ids=["int8", "int4"])
+def test_gradients_reach_x_and_bias(kind, M):
+    """dx = dy @ dequant(W) and db = sum(dy), within fp32's rounding bound for sums of N
+    terms (gamma_N * |dy| @ |W|, whatever the order); the weight takes none. Before, the
+    kernels' output had no gradient at all, so LoRA over a quantized model lost every path
+    through the quantized layers on a GPU."""
+    x, packed, b, run = _problem(kind, M, 100, 256, torch.float32)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    dy = torch.randn(M, 100, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    run(x, b).backward(dy)
+    wd = (qp.dequantize_int8(*packed) if kind == 8 else qp.dequantize_int4(*packed, 64)).double()
+    gamma = 100 * 2.0 ** -24 / (1 - 100 * 2.0 ** -24)
+    bound = gamma * (dy.double().abs() @ wd.abs())
+    assert ((x.grad.double() - dy.double() @ wd).abs() <= bound).all()
+    assert ((b.grad.double() - dy.double().sum(0)).abs() <= gamma * dy.double().abs().sum(0)).all()
+    with torch.no_grad():
+        assert not run(x, b).requires_grad
+
+
+@needs_kernels
 def test_leading_dims_and_bad_input():
     w = torch.randn(40, 128)
     q8, s8 = (t.to(DEVICE) for t in qp.quantize_int8(w))
