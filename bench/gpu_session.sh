@@ -34,7 +34,7 @@ if [ "$stage" = tests ]; then
   # straight to the file (no pipe): a stage killed by `timeout` still leaves its log
   # margins of the error rule (tests/kernels/precision.py) on this GPU: never measured there yet
   KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" \
-  python3 -m pytest tests/kernels tests/models tests/pack/test_gpu.py -v -p no:cacheprovider --durations=15 -rfE \
+  python3 -m pytest tests/kernels tests/models tests/pack/test_gpu.py tests/test_lora.py -v -p no:cacheprovider --durations=15 -rfE \
     --tb=short "$@" > "$LOGS/gpu-tests.log" 2>&1
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
 elif [ "$stage" = bench ]; then
@@ -47,13 +47,14 @@ elif [ "$stage" = bench ]; then
 elif [ "$stage" = priority ]; then
   # What only a GPU shows, most decisive first, in one call under the 10-minute limit (run it
   # with timeout_s 600): the untested CUDA paths (packs, the fused loss, the kernels' vmap
-  # rules, the W4A16 decode kernel), then the pack's speed-up and MFU (gpt2-4-4, M = 1 and 16,
+  # rules, the W4A16 kernels, gradients through the quantized matmuls), then the pack's speed-up and MFU (gpt2-4-4, M = 1 and 16,
   # eager / compiled / CUDA graphs, data share), the profile of the solo step, the fused loss
   # against eager and Liger, W4A16 at M = 1-16 (eager and graphed) against cuBLAS.
   KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout 140 \
   python3 -m pytest tests/pack/test_gpu.py tests/kernels/test_cross_entropy.py \
     tests/kernels/test_mlp_elementwise.py "tests/kernels/test_attention.py::test_vmap_folds_the_mapped_dim_into_the_batch" \
-    tests/kernels/test_w4a16_decode.py \
+    tests/kernels/test_w4a16.py "tests/kernels/test_quant_matmul.py::test_gradients_reach_x_and_bias" \
+    "tests/test_lora.py::test_adapter_gradients_through_the_quant_kernels_match_the_torch_path" \
     -v -p no:cacheprovider -rfE --tb=short > "$LOGS/gpu-tests.log" 2>&1
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
   for step in "pack 170" "profile 90" "cross_entropy 80" "quant_matmul 60"; do
