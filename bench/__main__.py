@@ -2,6 +2,8 @@
 import argparse
 import importlib
 
+from bench import harness
+
 SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack",
             "cross_entropy", "profile", "registers")
 
@@ -13,5 +15,6 @@ parser.add_argument("--run", help="quantization: an existing run folder instead 
 args = parser.parse_args()
 # each subject is bench/<subject>.py with a run(); two take other options than --quick
 options = {"quantization": {"run_dir": args.run}, "pack": {"quick": args.quick, "full": args.full}}
+harness.QUICK = args.quick
 subject = importlib.import_module(f"bench.{args.subject}")
 subject.run(**options.get(args.subject, {"quick": args.quick}))

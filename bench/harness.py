@@ -197,11 +197,21 @@ def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+QUICK = False  # set by `python -m bench ... --quick`
+
+
+def result_stem(subject: str, env: dict, kind: str | None = None) -> Path:
+    """bench/results/<subject>-<kind>-<date>, kind gpu or cpu from env unless given; a
+    --quick run ends in -quick, so that a smoke run never overwrites the day's record."""
+    kind = kind or ("gpu" if env["device"] != env["cpu"] else "cpu")
+    return RESULTS / f"{subject}-{kind}-{env['date'][:10]}{'-quick' if QUICK else ''}"
+
+
 def save(subject: str, rows: list[dict], baseline: str, env: dict | None = None) -> Path:
-    """Write bench/results/<subject>-<device>-<date>.json and .md; return the json path."""
+    """Write bench/results/<subject>-<device>-<date>.json and .md (result_stem); return the
+    json path."""
     env = env or environment()
-    kind = "gpu" if env["device"] != env["cpu"] else "cpu"
-    stem = RESULTS / f"{subject}-{kind}-{env['date'][:10]}"
+    stem = result_stem(subject, env)
     write_json(stem.with_suffix(".json"), {"subject": subject, "environment": env,
                                            "baseline": baseline, "rows": rows})
     text = markdown(subject, env, rows, baseline)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import RESULTS, environment
+from bench.harness import environment, result_stem
 
 ROWS = 30
 
@@ -69,7 +69,7 @@ def run(quick: bool = False) -> Path:
     # on a GPU the rows are kernels and the CPU ops that launched them; sorting by device
     # time puts the kernels that fill the step first
     lines += ["", "```", averages.table(sort_by=key, row_limit=ROWS), "```", ""]
-    path = RESULTS / f"profile-{'gpu' if gpu else 'cpu'}-{env['date'][:10]}.md"
+    path = result_stem("profile", env, "gpu" if gpu else "cpu").with_suffix(".md")
     write_text(path, "\n".join(lines))
     print("\n".join(lines[:10]))
     print(f"wrote {path}")

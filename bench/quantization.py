@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.harness import RESULTS, Stages, environment
+from bench.harness import Stages, environment, result_stem
 from kcap.atomic import write_json, write_text
 
 VARIANTS = [(8, "rtn", 0), (8, "gptq", 0), (4, "rtn", 64), (4, "gptq", 64),
@@ -51,7 +51,7 @@ def run(run_dir: str | None = None) -> Path:
                          "left_in_float": sorted(meta["skipped"])})
     stages.finish()
     env = environment()
-    stem = RESULTS / f"quantization-{'gpu' if env['device'] != env['cpu'] else 'cpu'}-{env['date'][:10]}"
+    stem = result_stem("quantization", env)
     write_json(stem.with_suffix(".json"), {"subject": "quantization", "environment": env,
                                            "run": str(run_dir), "model_bits_max": base.bits_max,
                                            "params_counted": base.n_params, "rows": rows})

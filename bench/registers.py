@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.harness import RESULTS, Stages, environment
+from bench.harness import Stages, environment, result_stem
 
 SHARED_LIMIT = 227 * 1024  # the H100's largest dynamic shared memory per block
 TARGET = ("cuda", 90, 32)
@@ -270,7 +270,7 @@ def run(quick: bool = False) -> Path:
                   "| kernel | candidate | warps / stages | loop instructions | weights per thread "
                   "| instructions per weight | I2F per weight |", "|---|---|---|---|---|---|---|",
                   *loops, ""]
-    path = RESULTS / f"registers-sm90-{env['date'][:10]}.md"
+    path = result_stem("registers", env, "sm90").with_suffix(".md")
     write_text(path, "\n".join(lines))
     print("\n".join(lines))
     return path
