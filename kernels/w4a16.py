@@ -11,8 +11,8 @@ two costs removed:
   float whose exponent makes it ``BASE + q`` (BASE = 128 in bf16, 1024 in fp16, where the
   spacing is exactly 1); subtracting ``BASE + zero`` is then exact. That replaces one
   integer-to-float conversion (quarter rate on an H100) and one fp32 subtract per weight:
-  the offline SASS of the decode kernel's main loop drops from 7-10 to about 4.1
-  instructions per weight, the tiled one's from 10-21 to 4.4-8 (``python -m bench registers``).
+  in the offline SASS of the main loop, instructions per weight drop from 7-10 to 4.1-4.8
+  (M <= 16) and from 9.6-21 to 4.6-6.1 (tiles), by ``python -m bench registers``.
 - Launches, at decode sizes (M <= 16, ``_w4_split``). K is split across programs so that a
   handful of rows still fills the GPU, and the last program of each column tile to finish
   (counted with an atomic) adds the partial sums in split order, adds the bias and writes
