@@ -64,15 +64,15 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo,
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT)  # scaled below: one FMA per score
         if MASKED:
             valid = cols[None, :] < S
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max commutes
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         m_i = m_new
