@@ -75,7 +75,11 @@ def run(quick: bool = False) -> None:
             timers.append((case + " graph", time_gpu_graph))
         for name, time_fn in timers:
             for provider, fn in providers:
-                seconds = time_fn(fn)
+                try:
+                    seconds = time_fn(fn)
+                except Exception as err:  # e.g. a capture that fails: the other rows still count
+                    print(f"{name} | {provider}: failed: {' '.join(str(err).split())[:200]}")
+                    continue
                 rows.append({"case": name, "kernel": "quant_matmul", "provider": provider,
                              "shape": [M, K, N], "dtype": str(dtype), "median_s": seconds,
                              "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s"})
