@@ -55,7 +55,7 @@ class ModelConfig:
     aux_loss_coef: float = 0.01     # load balancing (Switch Transformer form)
     router_impl: str = "auto"       # MoE router: auto (C++ when built, for CPU tensors) | cpp | torch
     attn_impl: str = "auto"
-    mlp_impl: str = "auto"
+    mlp_impl: str = "auto"          # dense MLPs: auto = torch (faster, measured); MoE: Triton on CUDA
     loss_impl: str = "auto"         # LM head + loss: triton fuses them (no full logits)
     init_std: float = 0.02
 

@@ -61,6 +61,11 @@ def split_mlp(mlp: "MLP", x):
 # The dispatch points: implementation name -> function.
 ATTENTION = {"torch": torch_attention, "triton": triton_attention}
 MLP_FORWARD = {"torch": torch_mlp, "triton": triton_mlp, "split": split_mlp}
+# What mlp_impl "auto" runs for a dense MLP, on any device: eager cuBLAS, because on an H100
+# the epilogue-fused kernel ran at 0.37-0.98x of it at every measured shape, with more memory
+# (bench/results/mlp-gpu-2026-11-24.md). "triton" and "split" still select the kernels; MoE
+# experts keep "auto" = the grouped GEMM on CUDA (7-8x a loop over experts, moe.py).
+DENSE_MLP_AUTO = "torch"
 
 
 def rotary_tables(context: int, dims: int, base: float):
@@ -115,7 +120,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(h, d, bias=cfg.bias)
 
     def forward(self, x):
-        return MLP_FORWARD[resolve_impl(self.impl, x)](self, x)
+        impl = DENSE_MLP_AUTO if self.impl == "auto" else resolve_impl(self.impl, x)
+        return MLP_FORWARD[impl](self, x)
 
 
 class Block(nn.Module):

@@ -142,3 +142,23 @@ def test_attention_dispatch_point_is_used(monkeypatch):
     monkeypatch.setitem(ATTENTION, "torch", spy)
     build_model("llama-2-2", V)(torch.zeros(1, 5, dtype=torch.long))
     assert len(calls) == 2
+
+
+def test_dense_mlp_auto_takes_the_torch_path_even_where_kernels_are_the_default(monkeypatch):
+    """mlp_impl "auto" runs dense MLPs on eager matmuls on every device (the fused MLP lost
+    to them at every shape measured on an H100), while attention's "auto" stays the kernel
+    on CUDA and an explicit "triton" still selects the fused MLP. CUDA is simulated by
+    making resolve_impl answer as it does for CUDA tensors."""
+    from kcap.models import transformer as tr
+
+    monkeypatch.setattr(tr, "resolve_impl", lambda impl, x: "triton" if impl == "auto" else impl)
+    used = []
+    for name in ("torch", "triton", "split"):
+        monkeypatch.setitem(tr.MLP_FORWARD, name, lambda mlp, x, name=name: used.append(name) or x)
+    monkeypatch.setitem(ATTENTION, "triton", lambda q, k, v: used.append("attention") or v)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    build_model("gpt2-2-2", V)(ids)
+    assert used == ["attention", "torch"] * 2
+    used.clear()
+    build_model("llama-1-2", V, mlp_impl="triton")(ids)
+    assert used == ["attention", "triton"]
