@@ -71,6 +71,7 @@ def _kernels():
     from kcap.kernels import grouped_gemm as GG
     from kcap.kernels import mlp_elementwise as E
     from kcap.kernels import quant_matmul as Q
+    from kcap.kernels import w4a16 as W4
 
     bf, f32 = "*bf16", "*fp32"
     out = []
@@ -109,7 +110,6 @@ def _kernels():
                 {"HAS_BIAS": True, "BLOCK_M": 64, "DOT": "tf32"}))
     out.append(("MoE grouped weight gradient", GG._grouped_wgrad,
                 {"X": bf, "DY": bf, "SEG": "*i64", "DW": bf}, {"BLOCK_M": 64, "DOT": "tf32"}))
-    from kcap.kernels import w4a16 as W4
     for dt in (bf, "*fp16"):
         half = {"X": dt, "W": "*i32", "S": f32, "Z": "*u8", "BIAS": dt, "OUT": dt,
                 "swn": K // 8, "ssn": K // 128, "ssg": 1}
@@ -173,16 +173,20 @@ def _specialized(fn, types: dict, constexprs: dict):
     return signature, constants, attrs
 
 
+def _tool(name: str) -> str:
+    """Path of a CUDA binary shipped in Triton's wheel (ptxas, nvdisasm)."""
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
 def _loop_instructions(cubin: bytes) -> tuple[int, int]:
     """(instructions, integer-to-float conversions) of the kernel's main loop in SASS: the
     longest span from a label to a branch back to it (nvdisasm, shipped with Triton)."""
-    import triton
-
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        lines = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True,
+        lines = subprocess.run([_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True,
                                check=True).stdout.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"\s*(\.L_x_\d+):", line))}
@@ -204,11 +208,10 @@ def _compile(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget(*TARGET),
                               options={"num_warps": warps, "num_stages": stages})
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
+        report = subprocess.run([_tool("ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
                                  os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
                                 check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -244,9 +247,9 @@ def run(quick: bool = False) -> Path:
                                          ("shared memory over 227 KB", r["shared"] > SHARED_LIMIT))
                         if bad]
             flagged += bool(problems)
-            if label.startswith("W4A16"):  # one group of 128 codes per row and loop iteration
+            if label.startswith("W4A16"):  # one group of codes per row and loop iteration
                 body, i2f = _loop_instructions(r["cubin"])
-                weights = extra["BLOCK_N"] * 128 / (32 * warps)
+                weights = extra["BLOCK_N"] * constexprs["GROUP"] / (32 * warps)
                 loops.append(f"| {label} | {cand} | {warps} / {num_stages} | {body} | "
                              f"{weights:g} | {body / weights:.2f} | {i2f / weights:.2f} |")
             rows.append(f"| {label} | {cand} | {warps} / {num_stages} | {r['regs']} | "
