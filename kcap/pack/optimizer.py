@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from kcap.pack.stacked import StackedModels, decayed  # noqa: F401 (decayed: the grouping rule)
+from kcap.pack.stacked import StackedModels, decayed
 from kcap.prefetch import upload
 
 # columns of the per-step coefficient table (M, len(_COLUMNS))
@@ -61,15 +61,9 @@ class StackedAdamW:
         # the solo optimizer's order: decayed tensors (group 0), then the others (group 1)
         self.groups = ([n for n, p in named if decayed(p.ndim - 1)],
                        [n for n, p in named if not decayed(p.ndim - 1)])
-        # the column ranges of pack.flat that are decayed (runs of adjacent decayed blocks)
-        self._decay_ranges, start = [], 0
-        for n, size in zip(pack.layout, pack.sizes):
-            if decayed(len(pack.shapes[n])):
-                if self._decay_ranges and self._decay_ranges[-1][1] == start:
-                    self._decay_ranges[-1][1] = start + size
-                else:
-                    self._decay_ranges.append([start, start + size])
-            start += size
+        # pack.flat lays the decayed blocks out first: they are its first _decay_cols columns
+        self._decay_cols = sum(size for n, size in zip(pack.layout, pack.sizes)
+                               if decayed(len(pack.shapes[n])))
         flat = pack.flat
         self._exp_avg_flat = torch.zeros_like(flat, memory_format=torch.contiguous_format)
         self._exp_avg_sq_flat = torch.zeros_like(flat, memory_format=torch.contiguous_format)
@@ -178,8 +172,7 @@ class StackedAdamW:
             rows = upload(torch.tensor([i for i, a in enumerate(active) if a]), p.device)
             p, m, v, g = (t.index_select(0, rows) for t in (p, m, v, g))
             c = {k: col.index_select(0, rows) for k, col in c.items()}
-        for a, b in self._decay_ranges:  # group 1 has weight_decay 0: no multiply at all
-            p[:, a:b].mul_(c["decay"])
+        p[:, :self._decay_cols].mul_(c["decay"])  # group 1 has weight_decay 0: no multiply
         m.lerp_(g, c["one_minus_beta1"])
         # the temporaries go to two persistent (M, P) buffers: fresh ones of the pack's size
         # cost a page-faulting allocation per op on the CPU (on CUDA, an allocator call)
