@@ -25,8 +25,9 @@ rows; the torch path's SDPA calls are folded the same way by ``_FoldedAttention`
 PyTorch has no batch rule for the CPU SDPA kernel). The loss: the fused LM head +
 cross-entropy per model where the config's loss_impl resolves to triton (``forward``). The
 MLP: mlp_impl "split" runs as batched cuBLAS GEMMs around one elementwise launch over all
-models (split_mlp's vmap rule); "auto" and "triton" (the epilogue-fused MLP, whose Triton
-GEMMs read one model's weights) take the torch path in a pack, as does "torch". MoE models
+models (split_mlp's vmap rule); "triton" (the epilogue-fused MLP, whose Triton GEMMs read
+one model's weights) takes the torch path in a pack, as "auto" and "torch" do everywhere
+(transformer.DENSE_MLP_AUTO). MoE models
 are refused: the C++ router is not batched over models.
 """
 from __future__ import annotations
