@@ -8,7 +8,7 @@ CPU (a check that the harness runs, not a speed figure).
 """
 from __future__ import annotations
 
-from bench.harness import Stages, kernel_device, save
+from bench.harness import Stages, autotune_choices, kernel_device, save
 
 
 def _flops(B, H, T, D, causal, backward):
@@ -39,6 +39,8 @@ def run(quick: bool = False) -> None:
     import torch
 
     gpu, timer = kernel_device()
+    from kcap.kernels import attention as A
+
     if not gpu:
         shapes, dtype = [(1, 4, 128, 64)], torch.float16
     else:
@@ -64,6 +66,8 @@ def run(quick: bool = False) -> None:
                     else:
                         torch.autograd.grad(fn(q, k, v), (q, k, v), do)
                 try:
+                    # kcap's kernels: which candidate wins at this shape, and by how much
+                    tuned = autotune_choices(step, A) if provider.startswith("kcap") else []
                     seconds = timer(step)
                 except RuntimeError as err:  # e.g. a pinned backend that refuses the shape
                     print(f"skip {provider} on {case}: {err}")
@@ -71,6 +75,7 @@ def run(quick: bool = False) -> None:
                 flops = _flops(B, H, T, D, True, mode != "forward")
                 rows.append({"case": case, "kernel": "flash_attention", "provider": provider,
                              "shape": [B, H, T, D], "dtype": str(dtype), "median_s": seconds,
-                             "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"})
+                             "throughput": flops / seconds / 1e12, "unit": "TFLOP/s",
+                             "autotune": tuned})
     stages.finish()
     save("attention", rows, baseline="sdpa flash" if gpu else "sdpa (cpu)")

@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh bench attention mlp   # some benchmarks (or: all)
 #   bash bench/gpu_session.sh experiment r1 500     # r1 --preset gpu for 500 s (resumable)
 #   bash bench/gpu_session.sh priority              # first call of a 15-minute session (~9 min)
+#   bash bench/gpu_session.sh tuning                # trial autotuning candidates: tested, timed
 # Installs kcap offline (the GPU image has torch, triton, pybind11, safetensors, ...). Logs go
 # to $LOGS (default $OUT; bundled as logs.tgz past 8 files); bench/results/*-gpu-* files are
 # copied there too. Each device call is limited to 10 minutes: split the benchmarks over
@@ -71,6 +72,23 @@ elif [ "$stage" = priority ]; then
     echo "bench $1: exit $? (124: stopped at $2 s)"
   done
   find bench/results -name "*-gpu-*" -newer "$LOGS/gpu.txt" -exec cp {} "$LOGS/" \; 2>/dev/null || true  # this call's
+elif [ "$stage" = tuning ]; then
+  # The trial autotuning candidates (kernels/runtime.py: KCAP_TRIAL_CANDIDATES=1), chosen
+  # offline (bench registers): first each one alone through the GPU tests, then timed by
+  # autotuning beside the listed candidates at the benches' shapes (attention, fused MLP;
+  # --quick). The *-trials result files' "Autotuning" tables give each candidate's time at
+  # each shape: a trial that passes and wins somewhere moves into its kernel's list. Stage
+  # limits add up to 540 s: run it with timeout_s 600.
+  KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout 180 \
+  python3 -m pytest tests/kernels/test_attention.py tests/kernels/test_gated_mlp.py \
+    -k "every_autotune and trial" -v -p no:cacheprovider -rfE --tb=short > "$LOGS/gpu-tests-trials.log" 2>&1
+  grep -E "passed|failed|error" "$LOGS/gpu-tests-trials.log" | tail -3
+  for step in "attention 240" "mlp 120"; do
+    set -- $step
+    KCAP_TRIAL_CANDIDATES=1 timeout "$2" python3 -m bench "$1" --quick > "$LOGS/bench-$1-trials.log" 2>&1
+    echo "bench $1 with trials: exit $? (124: stopped at $2 s)"
+  done
+  find bench/results -name "*-gpu-*" -newer "$LOGS/gpu.txt" -exec cp {} "$LOGS/" \; 2>/dev/null || true  # this call's
 elif [ "$stage" = experiment ]; then
   # An experiment's gpu preset, as much as fits in the time given; the sweep lives on the
   # machine (checkpoints are too big to bring back) and continues on the next call while the
@@ -86,7 +104,7 @@ elif [ "$stage" = experiment ]; then
   (cd "$sweep" && cp -r --parents results.jsonl results.md figures runs/*/log.jsonl \
     runs/*/config.json runs/*/report.json "$LOGS/$key-gpu/" 2>/dev/null) || true
 else
-  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...] | priority | experiment KEY [SECONDS]" >&2
+  echo "usage: bash bench/gpu_session.sh tests [PYTEST ARGS] | bench [all | SUBJECT...] | priority | tuning | experiment KEY [SECONDS]" >&2
   exit 2
 fi
 # The device tool brings back at most 8 files from $OUT (two folders down): more go back as

@@ -50,6 +50,8 @@ def environment() -> dict:
             env[module] = __import__(module).__version__
         except ImportError:
             env[module] = None
+    # trial candidates in the autotuning lists (kernels/runtime.py): the file says so
+    env["trial_candidates"] = os.environ.get("KCAP_TRIAL_CANDIDATES", "0") == "1"
     env["device"] = env["cpu"]
     try:
         import torch
@@ -164,6 +166,55 @@ def time_gpu_graph(fn, calls: int = 20, repeats: int = 10) -> float:
     return statistics.median(t - flushes for t, flushes in pairs) / calls
 
 
+def autotune_choices(step, *modules) -> list[dict]:
+    """What Triton's autotuner chose, and every candidate's time, when one ``step()`` tuned
+    the autotuned kernels of ``modules`` at this case's shapes: [{"kernel", "key" (the tuning
+    key's values), "chosen", "ms" {candidate: median ms}}], one entry per kernel and key.
+
+    Each kernel's cache is emptied first, so ``step`` tunes afresh (a kernel tuned at the
+    same key by an earlier case would otherwise report nothing), and restored after with
+    the new choices added. Without a GPU kernels keep one config and nothing is tuned: [].
+    Which candidate wins where is what decides the autotuning lists (trials included,
+    KCAP_TRIAL_CANDIDATES=1), so the benches keep it beside their timings."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    from kcap.kernels.runtime import describe
+
+    kernels = {name.lstrip("_"): k for m in modules for name, k in vars(m).items()
+               if isinstance(k, Autotuner)}
+    found, saved = [], {}
+    for name, kernel in kernels.items():
+        saved[name] = kernel.cache
+        # the autotuner times candidates one key at a time, then stores the winner under the
+        # key: the times gathered since the last store belong to the key being stored
+        pending: dict = {}
+
+        class Recorder(dict):
+            def __setitem__(self, key, cfg, name=name, kernel=kernel, pending=pending):
+                super().__setitem__(key, cfg)
+                found.append({"kernel": name, "key": dict(zip(kernel.keys, key)),
+                              "chosen": describe(cfg),
+                              "ms": {describe(c): float(t[0] if isinstance(t, (list, tuple)) else t)
+                                     for c, t in pending.items()}})
+                pending.clear()
+
+        def timed(*args, config, _bench=kernel._bench, pending=pending, **meta):
+            pending[config] = _bench(*args, config=config, **meta)
+            return pending[config]
+
+        kernel.cache, kernel._bench = Recorder(), timed
+    try:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        for name, kernel in kernels.items():
+            del kernel._bench  # the instance attribute: the class's method shows again
+            kernel.cache = {**saved[name], **kernel.cache}
+    return found
+
+
 def peak_memory_mib(step) -> float:
     """MiB a call of ``step()`` allocates on the GPU at its peak, above what was allocated
     before it."""
@@ -184,9 +235,12 @@ def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
     lines = [f"# {subject}", "", f"- device: {env['device']} ({env['cpu_count']} CPUs)",
              f"- versions: python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"triton {env['triton']}", f"- date: {env['date']}, commit {env['git_commit']}",
-             f"- command: `{env['command']}`", "",
-             f"| case | provider | median s | throughput | vs {baseline} |" + memory_head,
-             "|---|---|---|---|---|" + ("---|" if memory_head else "")]
+             f"- command: `{env['command']}`"]
+    if env.get("trial_candidates"):
+        lines.append("- autotuning lists: with the trial candidates (KCAP_TRIAL_CANDIDATES=1); a "
+                     "trial joins a list only after passing the GPU tests alone (-k every_autotune)")
+    lines += ["", f"| case | provider | median s | throughput | vs {baseline} |" + memory_head,
+              "|---|---|---|---|---|" + ("---|" if memory_head else "")]
     for r in rows:
         ratio = r["throughput"] / base[r["case"]] if r["case"] in base else float("nan")
         value = r["throughput"]
@@ -194,6 +248,17 @@ def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
         memory = f" {r.get('peak_memory_mib', float('nan')):,.0f} |" if memory_head else ""
         lines.append(f"| {r['case']} | {r['provider']} | {r['median_s']:.6f} | "
                      f"{shown} {r['unit']} | {ratio:.2f}x |" + memory)
+    tuned = [(r, t) for r in rows for t in r.get("autotune", [])]
+    if tuned:
+        lines += ["", "## Autotuning", "",
+                  "What the autotuner chose for each kernel at each case (its key), and each "
+                  "candidate's median time in its own timing (trials: KCAP_TRIAL_CANDIDATES=1).",
+                  "", "| case | provider | kernel | key | chosen | candidates, fastest first (ms) |",
+                  "|---|---|---|---|---|---|"]
+        for r, t in tuned:
+            key = " ".join(f"{k}={v}" for k, v in t["key"].items())
+            times = " · ".join(f"{c}: {ms:.4g}" for c, ms in sorted(t["ms"].items(), key=lambda x: x[1]))
+            lines.append(f"| {r['case']} | {r['provider']} | {t['kernel']} | {key} | {t['chosen']} | {times} |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,9 +267,11 @@ QUICK = False  # set by `python -m bench ... --quick`
 
 def result_stem(subject: str, env: dict, kind: str | None = None) -> Path:
     """bench/results/<subject>-<kind>-<date>, kind gpu or cpu from env unless given; a
-    --quick run ends in -quick, so that a smoke run never overwrites the day's record."""
+    --quick run ends in -quick, so that a smoke run never overwrites the day's record, and
+    a run with trial candidates in the autotuning lists in -trials."""
     kind = kind or ("gpu" if env["device"] != env["cpu"] else "cpu")
-    return RESULTS / f"{subject}-{kind}-{env['date'][:10]}{'-quick' if QUICK else ''}"
+    tail = ("-quick" if QUICK else "") + ("-trials" if env.get("trial_candidates") else "")
+    return RESULTS / f"{subject}-{kind}-{env['date'][:10]}{tail}"
 
 
 def save(subject: str, rows: list[dict], baseline: str, env: dict | None = None) -> Path:

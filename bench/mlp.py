@@ -10,14 +10,14 @@ times an interpreter-sized case on the CPU (a harness check, not a speed figure)
 """
 from __future__ import annotations
 
-from bench.harness import Stages, kernel_device, peak_memory_mib, save
+from bench.harness import Stages, autotune_choices, kernel_device, peak_memory_mib, save
 
 
 def run(quick: bool = False) -> None:
     import torch
 
     gpu, timer = kernel_device()
-    from kcap.kernels import fused_mlp, mlp_reference, split_mlp
+    from kcap.kernels import fused_mlp, gated_mlp, mlp_reference, split_mlp
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
     if gpu:  # (tokens, d, hidden, gated)
@@ -53,10 +53,11 @@ def run(quick: bool = False) -> None:
                 y = fn(x, **w, act=act)
                 torch.autograd.grad(y, [x, *w.values()], dy)
 
+            tuned = autotune_choices(step, gated_mlp) if provider == "kcap fused" else []
             seconds = timer(step)
             row = {"case": case, "kernel": "mlp", "provider": provider, "shape": [tokens, d, hidden],
                    "gated": gated, "dtype": str(dtype), "median_s": seconds,
-                   "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"}
+                   "throughput": flops / seconds / 1e12, "unit": "TFLOP/s", "autotune": tuned}
             if gpu:
                 row["peak_memory_mib"] = peak_memory_mib(step)
             rows.append(row)

@@ -6,7 +6,7 @@ loop over experts. One run, ratios against the baselines.
 """
 from __future__ import annotations
 
-from bench.harness import Stages, save, time_gpu, time_wall
+from bench.harness import Stages, autotune_choices, save, time_gpu, time_wall
 
 
 def run(quick: bool = False) -> None:
@@ -34,6 +34,7 @@ def run(quick: bool = False) -> None:
                              "provider": provider, "shape": [65_536, 32, k], "dtype": "float32",
                              "median_s": seconds, "throughput": 65_536 / seconds, "unit": "tokens/s"})
     if gpu:
+        from kcap.kernels import grouped_gemm
         from kcap.models import build_model
 
         for d in (512, 1024):
@@ -47,10 +48,12 @@ def run(quick: bool = False) -> None:
                 def step(moe=moe, x=x):
                     torch.autograd.grad(moe(x).float().sum(), [x, moe.w1, moe.w2])
 
+                tuned = autotune_choices(step, grouped_gemm) if impl == "triton" else []
                 seconds = time_gpu(step)
                 flops = 16_384 * 2 * 2 * d * d * 3  # two d x d matmuls per token, fwd + 2x bwd
                 rows.append({"case": case, "kernel": "moe_layer", "provider": provider,
                              "shape": [16_384, d, 32], "dtype": "bfloat16", "median_s": seconds,
-                             "throughput": flops / seconds / 1e12, "unit": "TFLOP/s"})
+                             "throughput": flops / seconds / 1e12, "unit": "TFLOP/s",
+                             "autotune": tuned})
     stages.finish()
     save("moe", rows, baseline="torch reference")  # the loop over experts, on the GPU rows

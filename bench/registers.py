@@ -15,7 +15,9 @@ For the W4A16 kernels it also counts the SASS instructions of the main loop per 
 dequantized there (nvdisasm, also in the wheel): at decode sizes the bytes are few, and
 instruction issue, not memory, can set the speed.
 
-Writes bench/results/registers-sm90-<date>.md. Needs no GPU; about a minute on 2 cores.
+Trial candidates (kernels/runtime.py) are compiled too and marked "(trial)": this table is
+where they come from. Writes bench/results/registers-sm90-<date>.md. Needs no GPU; about
+a minute on 2 cores.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import Stages, environment, result_stem
+
+# Compile every trial candidate as well: set before the kernels are imported (in _kernels),
+# since their autotuning lists are fixed at import.
+os.environ["KCAP_TRIAL_CANDIDATES"] = "1"
 
 SHARED_LIMIT = 227 * 1024  # the H100's largest dynamic shared memory per block
 TARGET = ("cuda", 90, 32)
@@ -140,8 +146,11 @@ def _candidates(kernel):
     autotuning config, or the launch default (4 warps, 3 stages... as Triton's)."""
     from triton.runtime.autotuner import Autotuner
 
+    from kcap.kernels.runtime import is_trial
+
     if isinstance(kernel, Autotuner):
-        return kernel.fn, [(" ".join(f"{k}={v}" for k, v in c.kwargs.items()), dict(c.kwargs),
+        return kernel.fn, [(" ".join(f"{k}={v}" for k, v in c.kwargs.items())
+                            + (" (trial)" if is_trial(c) else ""), dict(c.kwargs),
                             c.num_warps, c.num_stages) for c in kernel.configs]
     return kernel, [("default", {}, 4, 3)]
 
@@ -224,6 +233,10 @@ def _compile(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict
 def run(quick: bool = False) -> Path:
     from kcap.atomic import write_text
 
+    from kcap.kernels import runtime
+
+    if not runtime.TRIAL:  # imported before this module set the variable
+        raise RuntimeError("bench registers must run in its own process (python -m bench registers)")
     kernels = _kernels()
     if quick:
         kernels = kernels[:3]
@@ -257,6 +270,7 @@ def run(quick: bool = False) -> Path:
                         f"{'**' + ', '.join(problems) + '**' if problems else 'ok'} |")
     stages.finish()
     env = environment()
+    env["trial_candidates"] = False  # every candidate is compiled; trials are marked per row
     lines = ["# registers, spills and shared memory on sm_90 (compiled offline)", "",
              f"- compiled on: {env['cpu']} (no GPU), target sm_90a",
              f"- versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}",

@@ -84,9 +84,14 @@ FWD_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                   config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                   config(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
                   config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
+# Trials (KCAP_TRIAL_CANDIDATES=1, kernels/runtime.py) for T = 512, where the forward trails
+# SDPA: a wider key tile and a deeper pipeline, neither spilling in the offline sm_90 compile
+# (bench/results/registers-sm90-*.md).
+FWD_TRIALS = [config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+              config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
 
 
-@triton.autotune(configs=configs(FWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=configs(FWD_CANDIDATES, FWD_TRIALS), key=["T", "S", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -165,9 +170,16 @@ def _bwd_scores(q, k, v, do, lse, delta, offs_m, cols, T, S, qk_scale, masked,
 # interpreter computes both right (bench/results/attention-configs-gpu-2026-11-24.md).
 BWD_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                   config(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)]
+# Trials: 8 warps give dK/dV's accumulators twice the registers (no spills at head dim 128
+# in the offline compile, where both candidates above spill); a deeper pipeline (spills at
+# head dim 128, as the first candidate does); taller query tiles (fewer, longer dQ
+# programs; fewer loop trips in dK/dV).
+BWD_TRIALS = [config(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+              config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)]
 
 
-@triton.autotune(configs=configs(BWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL", "GROUP"])
+@triton.autotune(configs=configs(BWD_CANDIDATES, BWD_TRIALS), key=["T", "S", "HEAD_DIM", "CAUSAL", "GROUP"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -215,7 +227,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
              dv.to(DV.dtype.element_ty), mask=in_s)
 
 
-@triton.autotune(configs=configs(BWD_CANDIDATES), key=["T", "S", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=configs(BWD_CANDIDATES, BWD_TRIALS), key=["T", "S", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,

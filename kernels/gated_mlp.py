@@ -59,9 +59,13 @@ GEMM_CANDIDATES = [config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_war
                    config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
                    config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
                    config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
+# Trials (KCAP_TRIAL_CANDIDATES=1, kernels/runtime.py): the backward's larger tiles with 8
+# warps, which do not spill in the offline sm_90 compile (all 4-warp ones above 64 x 64 do).
+GEMM_TRIALS = [config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+               config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
 
 
-@triton.autotune(configs=configs(GEMM_CANDIDATES), key=["M", "N", "K", "MODE", "GELU"])
+@triton.autotune(configs=configs(GEMM_CANDIDATES, GEMM_TRIALS), key=["M", "N", "K", "MODE", "GELU"])
 @triton.jit
 def _epilogue_gemm(A, B1, B2, BIAS1, BIAS2, P1, P2, OUT, OUT1, OUT2,
                    M, N, K, sam, sak, sb1k, sb1n, sb2k, sb2n,

@@ -19,11 +19,32 @@ UPCAST = INTERPRET
 # KCAP_AUTOTUNE=0 keeps the first config on a GPU too: each new shape then compiles one
 # kernel instead of timing every candidate (the GPU tests run many small shapes).
 AUTOTUNE = os.environ.get("KCAP_AUTOTUNE", "1") != "0"
+# KCAP_TRIAL_CANDIDATES=1 adds each kernel's trial candidates to its autotuning list: configs
+# that look better offline (bench/registers.py) but have not yet passed the GPU tests alone.
+# A candidate that computes a wrong answer on the GPU hides behind autotuning, so trials
+# stay out of users' runs until `bench/gpu_session.sh tuning` has tested and timed them.
+TRIAL = os.environ.get("KCAP_TRIAL_CANDIDATES", "0") == "1"
+_TRIAL_IDS: set[int] = set()
 
 
-def configs(candidates: list) -> list:
-    """Autotuning candidates, or only the first one (interpreter, or KCAP_AUTOTUNE=0)."""
-    return candidates if AUTOTUNE and not INTERPRET else candidates[:1]
+def configs(candidates: list, trials: list = ()) -> list:
+    """Autotuning candidates (with ``trials`` under KCAP_TRIAL_CANDIDATES=1), or only the
+    first one (interpreter, or KCAP_AUTOTUNE=0)."""
+    _TRIAL_IDS.update(map(id, trials))
+    if INTERPRET or not AUTOTUNE:
+        return candidates[:1]
+    return candidates + list(trials) if TRIAL else list(candidates)
+
+
+def is_trial(cfg) -> bool:
+    """Whether ``cfg`` came from a kernel's trial list (see ``configs``)."""
+    return id(cfg) in _TRIAL_IDS
+
+
+def describe(cfg) -> str:
+    """A config in a table cell: "BLOCK_M=64 BLOCK_N=64, 4 warps, 2 stages"."""
+    blocks = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{blocks}, {cfg.num_warps} warps, {cfg.num_stages} stages" + (" (trial)" if is_trial(cfg) else "")
 
 
 def dot_precision(dtype) -> str:

@@ -264,9 +264,15 @@ CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 def _candidates():
     from kcap.kernels import attention as A
 
-    fwd = [("fwd", i, ((A._fwd_kernel, c),)) for i, c in enumerate(A.FWD_CANDIDATES)]
-    bwd = [("bwd", i, ((A._bwd_dkdv_kernel, c), (A._bwd_dq_kernel, c))) for i, c in enumerate(A.BWD_CANDIDATES)]
-    return fwd + bwd
+    # trials (KCAP_TRIAL_CANDIDATES, kernels/runtime.py) included: this is their GPU test
+    # (`-k "every_autotune and trial"` selects them)
+    out = []
+    for which, candidates in (("fwd", A.FWD_CANDIDATES), ("fwd-trial", A.FWD_TRIALS)):
+        out += [(which, i, ((A._fwd_kernel, c),)) for i, c in enumerate(candidates)]
+    for which, candidates in (("bwd", A.BWD_CANDIDATES), ("bwd-trial", A.BWD_TRIALS)):
+        out += [(which, i, ((A._bwd_dkdv_kernel, c), (A._bwd_dq_kernel, c)))
+                for i, c in enumerate(candidates)]
+    return out
 
 
 @pytest.mark.parametrize("which, index, pins", _candidates(), ids=lambda v: v if isinstance(v, (str, int)) else "")

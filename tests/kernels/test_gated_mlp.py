@@ -187,11 +187,14 @@ def test_kernel_paths_follow_autocast(name):
     torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=8 * ulp(low) * b.abs().max().item())
 
 
-@pytest.mark.parametrize("index", range(len(G.GEMM_CANDIDATES)))
-def test_every_autotune_candidate(index):
-    """Each GEMM candidate alone: autotuning would only expose a wrong one where it wins."""
+@pytest.mark.parametrize("candidate", [*G.GEMM_CANDIDATES, *G.GEMM_TRIALS],
+                         ids=[f"{i}" for i in range(len(G.GEMM_CANDIDATES))]
+                         + [f"trial-{i}" for i in range(len(G.GEMM_TRIALS))])
+def test_every_autotune_candidate(candidate):
+    """Each GEMM candidate alone, trials (KCAP_TRIAL_CANDIDATES) included: autotuning would
+    only expose a wrong one where it wins."""
     shapes = [(130, 96, 200, 72), (300, 256, 520, 200)] if CUDA else [(37, 48, 100, 40)]
-    with pinned((G._epilogue_gemm, G.GEMM_CANDIDATES[index])):
+    with pinned((G._epilogue_gemm, candidate)):
         for shape in shapes:
             for kind, bias in (("gated", True), ("gelu", True)):
                 for dtype in ([torch.float16, torch.bfloat16] if CUDA else [torch.float16]):
