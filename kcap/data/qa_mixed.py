@@ -49,9 +49,9 @@ class QAMixed:
     # --- the QA blocks ----------------------------------------------------------------------
     def _blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32, offsets (len(people) + 1,) int64) of every mixed person's block,
-        built once (~75 tokens per person)."""
+        built once (~96 tokens per person)."""
         if self._tokens is None:
-            check_memory(len(self.people) * 80 * 4, f"QA blocks of {len(self.people):,} people",
+            check_memory(len(self.people) * 100 * 4, f"QA blocks of {len(self.people):,} people",
                          "data.qa_fraction or data.n")
             parts, lengths = [], []
             for lo in range(0, len(self.people), _BLOCK_PEOPLE):

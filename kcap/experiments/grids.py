@@ -31,6 +31,9 @@ _PRESET_SETTINGS = {
 SMOKE_EXPOSURES = {100: 12, 300: 16, 600: 20, 1000: 24}
 # bioS biographies average ~61 kcap tokens (docs/science.md, section 3).
 TOKENS_PER_BIO = 61.0
+# A mixed person's QA block (data.qa_fraction, kcap.data.qa_mixed) averages ~96 tokens
+# (measured over 25,000 people of bioS(50,000)); it follows each of that person's exposures.
+QA_TOKENS_PER_PERSON = 96.0
 
 
 def exposures_for(preset: str, paper_exposures: int) -> int:
@@ -97,23 +100,32 @@ QUANTIZE = (PostStep("int8-rtn", "quantize", {"bits": 8, "method": "rtn", "group
 # --- what a run holds and costs, before it runs --------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def _used_tokens(kind: str, n: int, variant: str, marker: bool) -> int:
+def _used_tokens(kind: str, n: int, variant: str, marker: bool, qa_fraction: float = 0.0,
+                 seed: int = 0) -> int:
+    """Token ids a bioS run's data uses (its embedding rows that count as parameters), QA
+    blocks included when some people's QA pairs are mixed in; 0 for other kinds. Exact up
+    to 50,000 people (the seed picks which names and values occur)."""
     from kcap.data.bios import BioS, BioSConfig
+    from kcap.data.qa_mixed import QAMixed
 
     if kind != "bioS":
         return 0
     # beyond ~50K people every name part and value is in use: the count stops growing
-    return len(BioS(BioSConfig(n=min(n, 50_000), variant=variant, marker=marker)).used_token_ids())
+    ds = BioS(BioSConfig(n=min(n, 50_000), seed=seed, variant=variant, marker=marker))
+    return len((QAMixed(ds, qa_fraction, seed) if qa_fraction else ds).used_token_ids())
 
 
 @functools.lru_cache(maxsize=8)
-def _bior_facts(folder: str, n: int, seed: int) -> tuple[float, int, float]:
-    """(bits in the data, token ids used, mean tokens per rewrite) of a bioR import."""
+def _bior_facts(folder: str, n: int, seed: int, qa_fraction: float = 0.0) -> tuple[float, int, float]:
+    """(bits in the data, token ids used, mean tokens per rewrite) of a bioR import; the ids
+    include the QA blocks of a run that mixes them in."""
     from kcap.capacity import data_bits_max
     from kcap.data.bior import BioR, read_meta
+    from kcap.data.qa_mixed import QAMixed
 
     ds, meta = BioR.load(folder, n=n, seed=seed), read_meta(folder)
-    return data_bits_max(ds), len(ds.used_token_ids()), meta["tokens"] / meta["records"]
+    used = (QAMixed(ds, qa_fraction, seed) if qa_fraction else ds).used_token_ids()
+    return data_bits_max(ds), len(used), meta["tokens"] / meta["records"]
 
 
 def bior_runs(preset: str, folder, sizes) -> list[Run]:
@@ -144,7 +156,8 @@ def _param_counts(model: str, options: tuple, used: int, vocab: int) -> tuple[in
 
 def run_facts(r: Run) -> dict:
     """Counted and total parameters, the bits the data holds, R_max and the training tokens
-    of a run, estimated without generating its data (tokens from ~61 per biography)."""
+    of a run, estimated without generating its data (tokens from ~61 per biography and ~96
+    per mixed person's QA block)."""
     from kcap.capacity import biod_bits_max, data_bits_max
     from kcap.data.bios import BioS, BioSConfig
     from kcap.data.pools import N_FULL_NAMES
@@ -152,20 +165,21 @@ def run_facts(r: Run) -> dict:
 
     cfg, d = r.config, r.config.data
     vocab = default_tokenizer().vocab_size
-    used = _used_tokens(d.kind, d.n, d.variant, d.marker)
+    used = _used_tokens(d.kind, d.n, d.variant, d.marker, d.qa_fraction, d.seed)
     counted, total = _param_counts(cfg.model, tuple(sorted(cfg.model_options.items())),
                                    used or vocab, vocab)
     if d.kind == "bioS":  # a BioS is cheap to build: profiles are drawn only when asked for
         bits = data_bits_max(BioS(BioSConfig(n=d.n, variant=d.variant, marker=d.marker)))
         per_bio = TOKENS_PER_BIO
     elif d.kind == "bioR":
-        bits, used, per_bio = _bior_facts(d.bior, d.n, d.seed)
+        bits, used, per_bio = _bior_facts(d.bior, d.n, d.seed, d.qa_fraction)
         counted, total = _param_counts(cfg.model, tuple(sorted(cfg.model_options.items())),
                                        used, vocab)
     else:
         bits = biod_bits_max(d.n, N_FULL_NAMES, d.k, d.c, d.d, d.l, d.t)
         per_bio = 4 + d.k * (6 + d.c * (d.l + 1))  # name, then "'s ID k is" and the chunks
-    useful = d.n * cfg.exposures * per_bio
+    # bioD has no QA (DataConfig refuses qa_fraction there)
+    useful = d.n * cfg.exposures * per_bio + int(d.qa_fraction * d.n) * cfg.exposures * QA_TOKENS_PER_PERSON
     junk = useful * d.junk_ratio[1] / d.junk_ratio[0] if d.junk_n else 0
     return {"params": counted, "params_total": total, "bits_max": bits, "R_max": bits / counted,
             "tokens": int(useful + junk)}

@@ -72,3 +72,32 @@ def test_a_grid_with_repeated_names_is_refused():
     assert isinstance(twice, Experiment)
     with pytest.raises(ValueError, match="names repeat"):
         twice.grid("smoke")
+
+
+def test_facts_of_a_run_with_mixed_qa_match_what_training_counts():
+    """With data.qa_fraction, the counted parameters include the QA blocks' token ids (as
+    training counts them) and the tokens include the blocks (~96 per mixed person and
+    exposure); plain runs are unchanged."""
+    import numpy as np
+
+    from kcap.data.tokenizer import default_tokenizer
+    from kcap.experiments.grids import QA_TOKENS_PER_PERSON
+    from kcap.models import build_model, parameter_report
+    from kcap.run_setup import build_data, trained_token_ids
+
+    # the gpu preset: a mixed biography with its QA block (~224 tokens) needs its window 512
+    plain, mixed = (run("gpu", "gpt2-1-1", 600, 1000, seed=3, qa_fraction=f) for f in (0.0, 0.25))
+    for r in (plain, mixed):
+        _, stream, _ = build_data(r.config)
+        truth = parameter_report(build_model(r.config.model, default_tokenizer().vocab_size),
+                                 trained_token_ids(stream))["counted"]
+        assert run_facts(r)["params"] == truth
+    assert run_facts(mixed)["params"] > run_facts(plain)["params"]  # the questions' words
+    # tokens: the estimate's QA share against the blocks' real lengths
+    ds, stream, _ = build_data(mixed.config)
+    qa = stream.dataset
+    real = qa.block_lengths(qa.people).sum() * mixed.config.exposures
+    extra = run_facts(mixed)["tokens"] - run_facts(plain)["tokens"]
+    assert extra == int(150 * mixed.config.exposures * QA_TOKENS_PER_PERSON)
+    assert abs(extra - real) < 0.1 * real, (extra, real)
+    assert np.all(qa.people < 600) and len(qa.people) == 150
