@@ -5,7 +5,7 @@ import importlib
 from bench import harness
 
 SUBJECTS = ("data", "train", "attention", "mlp", "quant_matmul", "quantization", "moe", "pack",
-            "cross_entropy", "profile", "registers")
+            "cross_entropy", "profile", "registers", "prefetch")
 
 parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
 parser.add_argument("subject", choices=SUBJECTS)

@@ -1,78 +1,129 @@
-"""Batches rendered ahead of the training step by a background thread.
+"""Batches rendered ahead of the training step by a child process.
 
 On a GPU a step must not wait for the host: while step t runs, the windows of step t+1 are
-rendered (numpy, which releases the GIL in its heavy loops) into pinned memory, so that the
-trainer's copy to the device is non-blocking. The data a run sees is unchanged: the same
-batches in the same order; and what a checkpoint records is the position of the batches
-*consumed*, not of those rendered ahead, so a resumed run continues where it stood.
+rendered, and the trainer's copy to the device is non-blocking (pinned memory). The data
+a run sees is unchanged: the same batches in the same order; and what a checkpoint records
+is the position of the batches *consumed*, not of those rendered ahead, so a resumed run
+continues where it stood.
 
-On a CPU the trainers keep rendering in line: the thread would only take a core from the
+Why a process and not a thread: rendering holds the GIL between its numpy calls, and the
+training loop, which releases it in every torch op it launches, then waits for it again
+each time (up to the interpreter's switch interval). Measured on 2 cores with a loop of
+small torch ops standing in for kernel launches (bench/results/prefetch-cpu-*.md), a
+thread made each step slower than rendering in line; a process overlaps the two. The
+child is forked (as torch's DataLoader workers are on Linux): it starts at once with the
+stream already in memory, touches no CUDA, and leaves if the trainer dies.
+
+On a CPU the trainers keep rendering in line: the child would only take a core from the
 step (``PREFETCH_ON_CPU`` turns it on there, for the tests).
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+import pickle
 import queue
-import threading
 
 import numpy as np
 
-from kcap.run_setup import stream_exposures
-
 PREFETCH_ON_CPU = False
-_DONE = object()
+_DONE = "done"  # a message's tag: the child failed (its error follows)
+_POLL_S = 0.1  # how often a blocked side looks whether the other has gone
 
 
 def use_prefetch(device) -> bool:
     return device.type == "cuda" or PREFETCH_ON_CPU
 
 
+def _exposures(stream) -> float:
+    """Exposures per person done so far (the useful stream's, for a mixture)."""
+    return getattr(stream, "useful", stream).exposures_done
+
+
+def _render(stream, count: int, out, stop, parent: int) -> None:
+    """The child: render batches of ``count`` windows into ``out`` with the stream's state
+    after each, until told to stop, the stream ends, or the parent is gone; then wait for
+    the parent's ``close`` (its last messages may still be in the pipe)."""
+    def parent_waits() -> bool:
+        return not stop.is_set() and os.getppid() == parent
+
+    def put(item) -> bool:
+        while parent_waits():
+            try:
+                out.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while True:
+            windows = stream.next_windows(count)
+            if not put(("windows", windows, stream.state_dict(), _exposures(stream))):
+                break
+            if len(windows) == 0:  # a finite stream has ended: nothing more to render
+                break
+    except BaseException as err:  # handed to the trainer, raised in the training loop
+        try:  # the queue pickles in a thread of its own, where a failure would be lost
+            pickle.dumps(err)
+        except Exception:
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        put((_DONE, err, None, None))
+    finally:
+        while parent_waits():
+            stop.wait(_POLL_S)
+        out.cancel_join_thread()  # stopped: what is still unsent may be dropped
+
+
 class PrefetchedStream:
     """Wraps a training stream (ExposureStream or MixtureStream) whose batches all have
-    ``count`` windows: ``depth`` batches are rendered ahead. ``next_windows(count)`` returns
-    the next Windows (its ``tokens`` as the stream gave them) and keeps an int64 torch copy in
-    ``last_tensor`` (pinned if ``pin``). ``state_dict()`` and ``exposures_done`` describe the
-    batches consumed so far; call ``close()`` when done."""
+    ``count`` windows: a child process renders ``depth`` batches ahead. ``next_windows(count)``
+    returns the next Windows (its ``tokens`` as the stream gave them) and keeps an int64
+    torch copy in ``last_tensor`` (pinned if ``pin``). ``state_dict()`` and
+    ``exposures_done`` describe the batches consumed so far; call ``close()`` when done.
+    The stream object given is left where it stood: the child renders from its own copy."""
 
     def __init__(self, stream, count: int, depth: int = 2, pin: bool = False):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an int >= 1, got {count!r}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         self.stream, self.count, self.pin = stream, count, pin
         self._state = stream.state_dict()
-        self._exposures = stream_exposures(stream)
+        self._exposures = _exposures(stream)
         self.last_tensor = None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True, name="kcap-prefetch")
-        self._thread.start()
+        ctx = multiprocessing.get_context("fork")
+        self._queue = ctx.Queue(maxsize=depth)
+        self._stop = ctx.Event()
+        self._process = ctx.Process(target=_render, name="kcap-prefetch", daemon=True,
+                                    args=(stream, count, self._queue, self._stop, os.getpid()))
+        self._process.start()
 
-    def _produce(self) -> None:
-        import torch
-
-        try:
-            while not self._stop.is_set():
-                windows = self.stream.next_windows(self.count)
-                tensor = torch.from_numpy(np.asarray(windows.tokens, dtype=np.int64))
-                if self.pin:
-                    tensor = tensor.pin_memory()
-                item = (windows, tensor, self.stream.state_dict(), stream_exposures(self.stream))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if len(windows) == 0:  # a finite stream has ended: nothing more to render
-                    return
-        except BaseException as err:  # handed to the consumer, raised in the training loop
-            self._queue.put((_DONE, err, None, None))
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._process.is_alive():  # killed (out of memory, a signal...)
+                    try:  # unless its last message arrived just now
+                        return self._queue.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        raise RuntimeError(f"the data prefetch process died (exit code "
+                                           f"{self._process.exitcode}) before rendering the "
+                                           "next batch") from None
 
     def next_windows(self, count: int):
+        import torch
+
         if count != self.count:
             raise ValueError(f"this prefetched stream renders batches of {self.count} windows, "
                              f"asked for {count}")
-        windows, tensor, state, exposures = self._queue.get()
-        if windows is _DONE:
-            raise tensor
+        tag, windows, state, exposures = self._get()
+        if tag == _DONE:
+            raise windows
+        tokens = torch.from_numpy(np.asarray(windows.tokens))
+        tensor = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=self.pin)
+        tensor.copy_(tokens)  # int32 -> int64, straight into pinned memory when pinning
         self.last_tensor, self._state, self._exposures = tensor, state, exposures
         return windows
 
@@ -85,12 +136,12 @@ class PrefetchedStream:
 
     def close(self) -> None:
         self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=10)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+        self._queue.close()
+        self._queue.cancel_join_thread()  # this side never put anything
 
 
 def upload(t, device):

@@ -1,6 +1,9 @@
-"""Batches rendered ahead by a thread (kcap/prefetch.py): the same batches in the same order,
-checkpoints that record the batches consumed (not those rendered ahead), and training that
-is byte for byte the same with and without it (forced on here: on a CPU it is off)."""
+"""Batches rendered ahead by a child process (kcap/prefetch.py): the same batches in the same
+order, checkpoints that record the batches consumed (not those rendered ahead), training
+that is byte for byte the same with and without it (forced on here: on a CPU it is off),
+and a child that never outlives its use: it stops on close, leaves when its parent is
+gone, and its death is an error in the training loop, not a hang."""
+import queue
 from dataclasses import replace
 
 import numpy as np
@@ -58,6 +61,65 @@ def test_an_error_while_rendering_reaches_the_training_loop():
     with pytest.raises(MemoryError, match="rendering failed"):
         ahead.next_windows(2)
     ahead.close()
+
+
+class _Slow:
+    """A stream that takes a long time per batch; its errors can be made unpicklable."""
+    exposures_done = 0.0
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def state_dict(self):
+        return {}
+
+    def next_windows(self, count):
+        if self.error is not None:
+            raise self.error
+        import time
+
+        time.sleep(30)
+
+
+def test_an_error_that_cannot_be_pickled_arrives_as_its_text():
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no pickling")
+    ahead = PrefetchedStream(_Slow(Unpicklable("the disk vanished")), 2)
+    with pytest.raises(RuntimeError, match="Unpicklable: the disk vanished"):
+        ahead.next_windows(2)
+    ahead.close()
+
+
+def test_a_dead_child_is_an_error_not_a_hang():
+    ahead = PrefetchedStream(_Slow(), 2)
+    ahead._process.kill()
+    with pytest.raises(RuntimeError, match="prefetch process died"):
+        ahead.next_windows(2)
+    ahead.close()
+
+
+def test_close_stops_the_child_itself():
+    """A child with batches waiting in a full queue leaves on close by itself (exit code 0,
+    not the terminate that close falls back on)."""
+    ahead = PrefetchedStream(ExposureStream(BioS(BioSConfig(n=300, seed=1)), 50, 513, seed=0), 64,
+                             depth=2)
+    ahead.next_windows(64)
+    ahead.close()
+    assert not ahead._process.is_alive() and ahead._process.exitcode == 0
+
+
+def test_the_child_leaves_when_its_parent_is_gone():
+    import multiprocessing
+
+    from kcap.prefetch import _render
+
+    ctx = multiprocessing.get_context("fork")
+    out, stop = ctx.Queue(maxsize=1), ctx.Event()
+    # run in this process, with a parent that is not this process's: as an orphan sees it
+    _render(stream(), 4, out, stop, parent=-1)
+    with pytest.raises(queue.Empty):  # nothing was sent
+        out.get(timeout=0.5)
 
 
 def files(run):
