@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 
 import numpy as np
 
@@ -32,7 +33,9 @@ _POLL_S = 0.1  # how often a blocked side looks whether the other has gone
 
 
 def use_prefetch(device) -> bool:
-    return device.type == "cuda" or PREFETCH_ON_CPU
+    """Whether the trainers render ahead: on a GPU (or when forced), unless this process is
+    a daemonic multiprocessing worker (a Pool's), which may not start children."""
+    return (device.type == "cuda" or PREFETCH_ON_CPU) and not multiprocessing.current_process().daemon
 
 
 def _exposures(stream) -> float:
@@ -46,6 +49,9 @@ def _render(stream, count: int, out, stop, parent: int) -> None:
     the parent's ``close`` (its last messages may still be in the pipe)."""
     def parent_waits() -> bool:
         return not stop.is_set() and os.getppid() == parent
+
+    # Ctrl-C reaches the whole process group: the trainer handles it and closes this child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def put(item) -> bool:
         while parent_waits():

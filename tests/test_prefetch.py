@@ -3,6 +3,7 @@ order, checkpoints that record the batches consumed (not those rendered ahead), 
 that is byte for byte the same with and without it (forced on here: on a CPU it is off),
 and a child that never outlives its use: it stops on close, leaves when its parent is
 gone, and its death is an error in the training loop, not a hang."""
+import os
 import queue
 from dataclasses import replace
 
@@ -120,6 +121,35 @@ def test_the_child_leaves_when_its_parent_is_gone():
     _render(stream(), 4, out, stop, parent=-1)
     with pytest.raises(queue.Empty):  # nothing was sent
         out.get(timeout=0.5)
+
+
+def test_no_prefetch_in_a_daemonic_worker(monkeypatch):
+    """A multiprocessing.Pool worker may not start children: the trainers render in line."""
+    import multiprocessing
+
+    from kcap.prefetch import use_prefetch
+
+    assert use_prefetch(torch.device("cuda"))  # the device alone decides, elsewhere
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+    assert not use_prefetch(torch.device("cuda"))
+
+
+def test_ctrl_c_is_left_to_the_trainer():
+    """The child ignores SIGINT (the terminal sends it to the whole process group): the
+    trainer raises KeyboardInterrupt and closes it, and no traceback comes from the child."""
+    import signal
+
+    plain, ahead = stream(), PrefetchedStream(stream(), 4)
+    try:
+        ahead.next_windows(4)  # the child has rendered: its handler is in place
+        os.kill(ahead._process.pid, signal.SIGINT)
+        ahead._process.join(timeout=1)
+        assert ahead._process.is_alive()
+        plain.next_windows(4)
+        assert np.array_equal(ahead.next_windows(4).tokens, plain.next_windows(4).tokens)
+    finally:
+        ahead.close()
+    assert ahead._process.exitcode == 0
 
 
 def files(run):
