@@ -136,8 +136,9 @@ DATA_N = 10_000  # people per run for the data measurement (the paper's N = 10K-
 
 def _data_seconds(m: int, batch: int, context: int) -> float:
     """Mean seconds to render one pack step's batches on one thread: M runs' bioS(DATA_N)
-    training streams, ``batch`` windows each, to int64 tensors, as each run's prefetch thread
-    renders them (kcap.prefetch) while the step runs on the device. Streams render
+    training streams, ``batch`` windows each, to int64 tensors, the work each run's prefetch
+    child (kcap.prefetch) does for its own stream, on a core of its own, while the step runs
+    on the device. Streams render
     biographies in blocks, so the mean is taken over enough steps to cover several blocks
     (~20,000 biographies per run). A window shorter than a biography (the quick run's) is
     measured as as many tokens in 128-token windows."""
@@ -303,8 +304,9 @@ def _summary(rows: list[dict], extra: list[str], env: dict, peak) -> str:
     lines.append("- timed: the training step only (forward + backward + clipping + AdamW) on random "
                  "token batches, warm-up excluded, median of the repetitions; tokens/s aggregate over M.")
     lines.append(f"- data / step: one thread rendering the pack's M batches from bioS({DATA_N:,}) "
-                 "training streams, mean over ~20,000 biographies per run (what the runs' prefetch threads do while the device computes), "
-                 "and its share of the pack's step time: below 100% it hides behind the step.")
+                 "training streams, mean over ~20,000 biographies per run (what the runs' prefetch children do "
+                 "while the device computes, one child per run, so split over M cores where there are M), "
+                 "and its share of the pack's step time: below 100% it hides behind the step even on one core.")
     lines.append("- ops/step: aten operations one step dispatches, views excluded (on a GPU about its "
                  "kernel launches); the solo loop's are its M models' together. _foreach_norm and "
                  "the fused AdamW count as one op each (on the CPU they loop inside; there torch's "
