@@ -1,7 +1,9 @@
 """LM head + cross-entropy: kcap's fused kernel against eager PyTorch (the models' own loss:
 logits in the model's dtype, the loss in fp32) and Liger-Kernel's fused linear
 cross-entropy when it is installed, forward+backward, in one run; also each one's peak
-memory above its inputs (the issue's target: <= 0.5x eager at >= 1.0x its speed).
+memory above its inputs (the issue's target: <= 0.5x eager at >= 1.0x its speed). A third
+kcap row runs the kernel with Liger's chunk rule (chunk logits the size of x: ~V / D chunks),
+kcap's default until 2026-12-06, to show what the 64 MiB chunk floor changes at small d.
 
 Shapes: the paper's vocabulary (kcap's 4,337 tokens), widths d = 64-1280 (gpt2-1-1 to
 gpt2-20-20) and 12K-200K tokens per step (24-384 windows of 512). Liger is on PyPI (pure
@@ -28,6 +30,8 @@ def run(quick: bool = False) -> None:
     import torch
 
     gpu, timer = kernel_device()
+    import triton
+
     from kcap.data.tokenizer import default_tokenizer
     from kcap.kernels.cross_entropy import (linear_cross_entropy,
                                                    linear_cross_entropy_reference)
@@ -36,11 +40,17 @@ def run(quick: bool = False) -> None:
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     if gpu:
         shapes = [(t, d) for d in (64, 256, 768, 1280) for t in (12_288, 49_152, 196_608)]
-        shapes = [(12_288, 256), (49_152, 768)] if quick else shapes
+        shapes = [(12_288, 64), (12_288, 256), (49_152, 768)] if quick else shapes
     else:
         shapes = [(256, 64)]
+    def x_size_chunks(x, w, t):  # kcap's default until 2026-12-06, Liger's rule: ~V / D chunks
+        n, d = x.shape
+        chunk = min(n, triton.next_power_of_2(triton.cdiv(n, triton.cdiv(w.shape[0], d))))
+        return linear_cross_entropy(x, w, t, chunk=chunk)
+
     providers = [("eager torch", lambda x, w, t: linear_cross_entropy_reference(x, w, t)),
-                 ("kcap fused", lambda x, w, t: linear_cross_entropy(x, w, t))]
+                 ("kcap fused", lambda x, w, t: linear_cross_entropy(x, w, t)),
+                 ("kcap fused, x-size chunks", x_size_chunks)]
     liger = _liger() if gpu else None
     if liger is not None:
         providers.append(("liger fused", liger))

@@ -9,14 +9,16 @@ not ``ignore_index``, and its gradients for x, weight and bias through autograd.
 Eager PyTorch materialises the (N, V) logits, their fp32 copy for the loss, the softmax and
 its gradient: at the paper's shapes (N = 12K-200K tokens per step, V ~ 4.3K) those dwarf the
 model's activations. Here the tokens go through in chunks of ``chunk`` rows (default: about
-N * D / V, so a chunk's logits weigh about as much as x): per chunk, a cuBLAS matmul writes
-the logits in x's dtype, one Triton kernel per row makes two passes over them (online
-max / sum-exp in fp32 for the log-sum-exp and the loss; then the gradient
-(softmax - onehot) / n_valid written over the logits in place), and two more matmuls turn
-that gradient into the chunk's dx and its share of dW (accumulated in fp32). The backward
-pass only scales the saved gradients by the incoming one. This is Liger-Kernel's design
-(its fused linear cross-entropy), written for kcap. A ``torch.library`` custom op with
-autograd, like the other kernels, so ``torch.compile`` sees no graph break.
+N * D / V, so a chunk's logits weigh about as much as x, but at least 64 MiB of them, so
+that small widths do not make many small chunks whose launches outlast their arithmetic):
+per chunk, a cuBLAS matmul writes the logits in x's dtype, one Triton kernel per row makes
+two passes over them (online max / sum-exp in fp32 for the log-sum-exp and the loss; then
+the gradient (softmax - onehot) / n_valid written over the logits in place), and two more
+matmuls turn that gradient into the chunk's dx and its share of dW (accumulated in fp32).
+The backward pass only scales the saved gradients by the incoming one. This is
+Liger-Kernel's design (its fused linear cross-entropy; its chunks follow the x-size rule
+alone), written for kcap. A ``torch.library`` custom op with autograd, like the other
+kernels, so ``torch.compile`` sees no graph break.
 
 No host synchronisation: the count of valid targets stays on the device. A target outside
 [0, V) that is not ``ignore_index`` makes the loss NaN (the kernel cannot raise; checking
@@ -74,9 +76,21 @@ def _block_v(V: int) -> int:
     return min(4096, triton.next_power_of_2(V))
 
 
-def _default_chunk(n: int, d: int, v: int) -> int:
-    """Rows per chunk: a chunk's logits (chunk x V) about the size of x (n x D)."""
-    return max(1, min(n, triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, d)))))
+# A chunk costs about eight launches (three matmuls, the row kernel, the accumulations), so
+# chunks must not be small: at the paper's widths the rule "a chunk's logits about the size
+# of x" alone (Liger's) makes about V / D chunks, ~50-70 at D = 64 with kcap's ~4.3K-token
+# vocabulary, and the launches, not the arithmetic, would set the loss's time. 64 MiB of
+# logits per chunk keeps the chunks few (2 at 12K tokens) and the memory far below eager's
+# (~10-14 bytes per logit there: the logits, their fp32 copy, the log-softmax, gradients).
+MIN_CHUNK_BYTES = 64 << 20
+
+
+def _default_chunk(n: int, d: int, v: int, itemsize: int) -> int:
+    """Rows per chunk: a chunk's logits (chunk x V) about the size of x (n x D), but at least
+    MIN_CHUNK_BYTES of them, and at most all n rows."""
+    by_x = triton.cdiv(n * d, v)
+    floor = triton.cdiv(MIN_CHUNK_BYTES, v * itemsize)
+    return max(1, min(n, max(by_x, floor)))
 
 
 def _forward(x, weight, targets, bias, ignore_index, chunk, grads: bool):
@@ -85,7 +99,7 @@ def _forward(x, weight, targets, bias, ignore_index, chunk, grads: bool):
     valid = (targets != ignore_index).sum()
     inv_n = (1.0 / valid.clamp(min=1).float()).reshape(1)  # on the device: no sync
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
-    grad_x = torch.empty_like(x) if grads else None
+    grad_x = torch.empty((n, d), dtype=x.dtype, device=x.device) if grads else None
     grad_w = torch.zeros(v, d, dtype=torch.float32, device=x.device) if grads else None
     grad_b = torch.zeros(v, dtype=torch.float32, device=x.device) if grads and bias is not None \
         else None
@@ -99,7 +113,7 @@ def _forward(x, weight, targets, bias, ignore_index, chunk, grads: bool):
                           inv_n, v, ignore_index, BLOCK_V=_block_v(v), WRITE_GRAD=grads)
         if not grads:
             continue
-        grad_x[lo:lo + chunk] = logits @ weight  # logits now hold their gradient
+        torch.mm(logits, weight, out=grad_x[lo:lo + chunk])  # logits now hold their gradient
         grad_w += (logits.t() @ xc).float()
         if grad_b is not None:
             grad_b += logits.float().sum(0)
@@ -164,7 +178,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100
         raise ValueError("x and weight must have at least one row each")
     check_device(*[t for t in (x, weight, targets, bias) if t is not None])
     n, d = x.shape
-    chunk = chunk or _default_chunk(n, d, weight.shape[0])
+    chunk = chunk or _default_chunk(n, d, weight.shape[0], x.element_size())
     # gradients are computed in the forward pass: only when autograd will ask for them
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (x, weight, bias))

@@ -136,3 +136,18 @@ def test_models_get_the_same_loss_and_gradients_from_the_fused_head(name):
             for impl in ("torch", "triton")}
     assert runs["triton"][0] is None and runs["torch"][0] is not None  # fused: no logits
     assert_same_in_fp32(runs["triton"][1:], runs["torch"][1:])
+
+
+@pytest.mark.parametrize("n, d, chunks", [(12_288, 64, 2), (49_152, 256, 7), (200_000, 64, 26),
+                                          (200_000, 1280, 4), (7, 64, 1)])
+def test_default_chunks_are_few_and_far_smaller_than_eager(n, d, chunks):
+    """At the paper's shapes (bf16, kcap's vocabulary): few chunks (each costs ~8 launches),
+    each holding at most the larger of 64 MiB and x's size in logits, against eager's
+    10+ bytes per logit for the whole batch."""
+    from kcap.data.tokenizer import default_tokenizer
+
+    v, itemsize = default_tokenizer().vocab_size, 2  # 4,337: the models' LM head rows
+    rows = L._default_chunk(n, d, v, itemsize)
+    assert 1 <= rows <= n and math.ceil(n / rows) == chunks
+    assert rows * v * itemsize <= max(L.MIN_CHUNK_BYTES, n * d * itemsize) + v * itemsize
+    assert rows == n or rows * v * itemsize >= L.MIN_CHUNK_BYTES
