@@ -57,7 +57,7 @@ elif [ "$stage" = priority ]; then
     tests/kernels/test_mlp_elementwise.py "tests/kernels/test_attention.py::test_vmap_folds_the_mapped_dim_into_the_batch" \
     -v -p no:cacheprovider -rfE --tb=short > "$LOGS/gpu-tests.log" 2>&1
   grep -E "passed|failed|error" "$LOGS/gpu-tests.log" | tail -3
-  for step in "pack 170" "profile 75" "cross_entropy 70" "tests-w4a16 50" "quant_matmul 45"; do
+  for step in "pack 155" "profile 75" "cross_entropy 85" "tests-w4a16 50" "quant_matmul 45"; do
     set -- $step
     if [ "$1" = tests-w4a16 ]; then  # gradients first: a wrong one is silent in training
       KCAP_MARGIN_LOG="$LOGS/gpu-margins.jsonl" timeout "$2" python3 -m pytest \

@@ -64,6 +64,7 @@ INTS = {**ATTENTION_INTS, "M": M, "N": N, "K": K,
         "sxm": K, "sxk": 1, "swe": K * N, "swk": N, "swn": 1, "sbe": N, "sym": N, "syn": 1,
         "k_per_split": K, "so_split": M * N,
         "stride": 4337, "V": 4337, "ignore_index": -100,  # cross-entropy rows of kcap's vocabulary
+        "stride_tm": 12_288, "stride_lm": 12_288, "rows_per_model": 7737,  # a pack's 12K-token chunks
         "n": M * N}  # elementwise
 
 

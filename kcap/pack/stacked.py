@@ -205,9 +205,9 @@ class StackedModels(nn.Module):
         over its non-ignored targets (0, with zero gradient, when it has none). Backward on
         ``losses.sum()`` gives every model the gradient it would get alone. With targets
         and the config's ``loss_impl`` resolving to triton (the default on CUDA, as in the
-        solo model) each model's LM head and loss are the fused kernel
-        (kcap.kernels.linear_cross_entropy, one call per model): the logits are never
-        formed and come back as None.
+        solo model) the models' LM heads and losses are the fused kernel
+        (kcap.kernels.stacked_linear_cross_entropy, one call for all M): the logits are
+        never formed and come back as None.
         """
         self._check_tokens(ids, "ids")
         if targets is not None:
@@ -236,16 +236,12 @@ class StackedModels(nn.Module):
 
     def _fused_losses(self, hidden, head, targets) -> torch.Tensor:
         """(M,) losses from hidden states (M, B, T, d) and head weights (M, V, d): the fused
-        kernel per model, each on its own B * T rows (the kernel returns 0 with zero
-        gradients for a model whose targets are all ignored)."""
-        from kcap.kernels import linear_cross_entropy
+        kernel on every model's B * T rows at once, in the launches of one model (it gives
+        0 with zero gradients for a model whose targets are all ignored)."""
+        from kcap.kernels import stacked_linear_cross_entropy
 
-        d = hidden.shape[-1]
-        losses = []
-        for i in range(self.m):
-            x, w = under_autocast(hidden[i].reshape(-1, d), head[i])
-            losses.append(linear_cross_entropy(x, w, targets[i].reshape(-1), ignore_index=-100))
-        return torch.stack(losses)
+        x, w = under_autocast(hidden.reshape(self.m, -1, hidden.shape[-1]), head)
+        return stacked_linear_cross_entropy(x, w, targets.reshape(self.m, -1), ignore_index=-100)
 
     def _check_tokens(self, x, what: str) -> None:
         if not torch.is_tensor(x) or x.dtype != torch.int64:

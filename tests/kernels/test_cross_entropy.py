@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kcap.kernels import cross_entropy as L
-from kcap.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kcap.kernels.cross_entropy import (linear_cross_entropy, linear_cross_entropy_reference,
+                                        stacked_linear_cross_entropy)
 from kcap.kernels.runtime import INTERPRET
 
 from . import rounded_references as R
@@ -125,6 +126,71 @@ def test_torch_compile_fullgraph():
     expected = linear_cross_entropy(eager, w, t, b, chunk=8)
     expected.backward()
     assert loss.item() == expected.item() and torch.equal(x.grad, eager.grad)
+
+
+def run_stacked(models, chunk, scales) -> list[dict]:
+    """Every model's loss and gradients from one stacked call, backward on sum(scale_i *
+    loss_i); gradients divided back by the scales (powers of two: exact)."""
+    x, w, t = (torch.stack([m[k] for m in models]).to(DEVICE) for k in (0, 1, 3))
+    x.requires_grad_(), w.requires_grad_()
+    b = None if models[0][2] is None else torch.stack([m[2] for m in models]).to(DEVICE).requires_grad_()
+    losses = stacked_linear_cross_entropy(x, w, t, b, chunk=chunk)
+    assert losses.shape == (len(models),) and losses.dtype == torch.float32
+    (losses * torch.tensor(scales, device=DEVICE)).sum().backward()
+    out = []
+    for i, scale in enumerate(scales):
+        got = {"loss": losses[i].detach().cpu(), "x": x.grad[i].cpu() / scale,
+               "w": w.grad[i].cpu() / scale}
+        if b is not None:
+            got["b"] = b.grad[i].cpu() / scale
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stacked_models_each_match_their_own_reference(dtype, bias):
+    """Three models in one call (a pack): each within the rule of its own exact reference,
+    its gradients scaled by its own loss's gradient; a model whose targets are all ignored
+    gets 0 and zero gradients."""
+    shape = SHAPES[2]
+    models = [inputs(shape, dtype, bias, seed=i, ignored=ignored)
+              for i, ignored in enumerate([(3, 10), range(shape[0]), ()])]
+    got = run_stacked(models, shape[3], [1.0, 0.5, 2.0])
+    for i, (x, w, b, t) in enumerate(models):
+        if i == 1:
+            assert got[i]["loss"].item() == 0.0
+            assert all(not g.abs().sum() for k, g in got[i].items() if k != "loss")
+            continue
+        assert_within_rule(got[i], *references(x, w, b, t, shape[3], dtype))
+
+
+def test_stacked_launches_once_per_chunk_for_all_models(monkeypatch):
+    """The row kernel runs once per chunk whatever M (M solo calls would launch M times)."""
+    launches = []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+    real = L._ce_rows
+    monkeypatch.setattr(L, "_ce_rows", Counting())
+    models = [inputs(SHAPES[2], torch.float32, False, seed=i) for i in range(4)]
+    run_stacked(models, 16, [1.0] * 4)
+    assert launches == [(4 * 16,)] * 4 + [(4 * 1,)]  # 65 rows per model: chunks of 16, then 1
+
+
+def test_stacked_bad_inputs_are_refused():
+    x, w, b, t = (v.to(DEVICE) for v in inputs(SHAPES[0], torch.float32, True))
+    X, W, B, T = x[None].expand(2, -1, -1), w[None].expand(2, -1, -1), b[None].expand(2, -1), t[None].expand(2, -1)
+    cases = [((x, w, t), ValueError, r"x must be \(M, N, D\)"),
+             ((X, W[:1], T), ValueError, "same M x D"),
+             ((X, W, T[:1]), ValueError, "targets must be"),
+             ((X, W, T, B[:, :-1]), ValueError, "bias must be"),
+             ((X, W, T, None, -100, True), ValueError, "chunk must be")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            stacked_linear_cross_entropy(*args)
 
 
 @pytest.mark.parametrize("name", ["gpt2-1-2", "llama-1-2"])

@@ -97,9 +97,9 @@ def test_compiled_pack_matches_the_eager_pack():
 
 @pytest.mark.parametrize("tied", [False, True], ids=["gpt2", "llama-tied"])
 def test_fused_loss_matches_the_torch_loss(tied):
-    """loss_impl triton (the CUDA default; here the Triton interpreter): each model's head
-    and loss through kcap.kernels.linear_cross_entropy, no logits. It sums the same fp32
-    products in other orders (chunked matmuls, an online log-sum-exp), so losses and
+    """loss_impl triton (the CUDA default; here the Triton interpreter): the models' heads
+    and losses through kcap.kernels.stacked_linear_cross_entropy (one call for all), no
+    logits. It sums the same fp32 products in other orders (chunked matmuls, an online log-sum-exp), so losses and
     gradients agree with the torch loss within the reassociation bound above; a model
     with no targets left still gets 0 and no gradient."""
     name, overrides = ("llama-1-2", {"tied": True}) if tied else ("gpt2-1-2", {})
