@@ -81,7 +81,8 @@ def readme_kcap_commands() -> list[tuple[int, list[str]]]:
 def kernel_inputs() -> dict:
     """Small inputs for the kernel calls whose inputs the README leaves to the reader:
     q (B, H, T, D), k/v (B, KV, S, D) with grouped-query heads, x (M, K) and MLP weights,
-    hidden states h (N, D) with an LM head (V, D) and targets (N,)."""
+    hidden states h (N, D) with an LM head (V, D) and targets (N,), and three models' of
+    them stacked (hs, ws, ts)."""
     import torch
 
     cuda = torch.cuda.is_available()  # without a GPU, conftest runs Triton's interpreter
@@ -94,7 +95,9 @@ def kernel_inputs() -> dict:
     return {"q": randn(1, 4, 16, 32), "k": randn(1, 2, 16, 32), "v": randn(1, 2, 16, 32),
             "x": randn(8, 32), "w_up": randn(64, 32), "w_gate": randn(64, 32),
             "w_down": randn(32, 64), "h": randn(8, 32), "w_head": randn(50, 32),
-            "targets": torch.randint(0, 50, (8,), generator=g).to(device)}
+            "targets": torch.randint(0, 50, (8,), generator=g).to(device),
+            "hs": randn(3, 8, 32), "ws": randn(3, 50, 32),
+            "ts": torch.randint(0, 50, (3, 8), generator=g).to(device)}
 
 
 # Kernel blocks show call signatures and leave their tensors to the reader; the test supplies
