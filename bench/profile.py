@@ -5,12 +5,16 @@ batch, after a warm-up run (autotuning, compilation and caches are not what is a
 Writes bench/results/profile-<cpu|gpu>-<date>.md: the wall time per step of the profiled
 run, the GPU's busy time per step (kernels summed: the rest of the step is host overhead
 or waiting), and the operators ranked by their own device time (CPU time without a GPU).
+Beside it, unprofiled, the same run's tokens/s with its batches rendered ahead by a child
+process (kcap.prefetch, the GPU default) and rendered in line: what the prefetch buys.
 On the project's CPU it profiles the CPU demo's model: a harness check and an account of
 where CPU time goes, not a GPU figure.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +30,28 @@ def _config(gpu: bool, steps: int):
     base = PRESETS["gpu" if gpu else "cpu"]
     # no evaluation but a tiny final one, no checkpoint but the last: the steps themselves
     return dataclasses.replace(base, steps=steps, eval_every=0, eval_sample=16,
-                               checkpoint_every=0, log_every=10)
+                               checkpoint_every=0, log_every=5)
+
+
+@contextlib.contextmanager
+def _prefetch(on: bool):
+    """Training with batches rendered ahead (a child process) or in line, on any device."""
+    import kcap.train
+
+    saved = kcap.train.use_prefetch
+    kcap.train.use_prefetch = lambda device: on
+    try:
+        yield
+    finally:
+        kcap.train.use_prefetch = saved
+
+
+def _tokens_per_s(run_dir: Path) -> float:
+    """Median training rate of a run's log records, the first (warm-up) interval left out."""
+    from kcap.run_log import read_log
+
+    rates = [r["tokens_per_s"] for r in read_log(run_dir) if "tokens_per_s" in r]
+    return statistics.median(rates[1:] or rates)
 
 
 def run(quick: bool = False) -> Path:
@@ -70,7 +95,19 @@ def run(quick: bool = False) -> Path:
     # time puts the kernels that fill the step first
     lines += ["", "```", averages.table(sort_by=key, row_limit=ROWS), "```", ""]
     path = result_stem("profile", env, "gpu" if gpu else "cpu").with_suffix(".md")
+    write_text(path, "\n".join(lines))  # written now: a stage cut short keeps the profile
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, on in (("child process", True), ("in line", False)):
+            folder = Path(tmp) / label.replace(" ", "-")
+            with _prefetch(on):
+                train(_config(gpu, steps), folder, progress=False)
+            rates[label] = _tokens_per_s(folder)
+    lines.insert(lines.index("```") - 1, f"- data rendered ahead by a child process: "
+                 f"{rates['child process']:,.0f} tokens/s; in line: {rates['in line']:,.0f} tokens/s "
+                 f"({rates['child process'] / rates['in line']:.2f}x; unprofiled runs of {steps} "
+                 "steps, median of their logged intervals but the first)")
     write_text(path, "\n".join(lines))
-    print("\n".join(lines[:10]))
+    print("\n".join(lines[:11]))
     print(f"wrote {path}")
     return path
