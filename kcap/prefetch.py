@@ -19,6 +19,7 @@ step (``PREFETCH_ON_CPU`` turns it on there, for the tests).
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -52,6 +53,10 @@ def _render(stream, count: int, out, stop, parent: int) -> None:
 
     # Ctrl-C reaches the whole process group: the trainer handles it and closes this child
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What the parent owned stays out of this child's garbage collection: a cycle holding a
+    # CUDA tensor freed here would call into CUDA from a forked process, and collecting
+    # would also copy the parent's pages (copy-on-write) for nothing.
+    gc.freeze()
 
     def put(item) -> bool:
         while parent_waits():

@@ -3,8 +3,10 @@ order, checkpoints that record the batches consumed (not those rendered ahead), 
 that is byte for byte the same with and without it (forced on here: on a CPU it is off),
 and a child that never outlives its use: it stops on close, leaves when its parent is
 gone, and its death is an error in the training loop, not a hang."""
+import gc
 import os
 import queue
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -118,7 +120,13 @@ def test_the_child_leaves_when_its_parent_is_gone():
     ctx = multiprocessing.get_context("fork")
     out, stop = ctx.Queue(maxsize=1), ctx.Event()
     # run in this process, with a parent that is not this process's: as an orphan sees it
-    _render(stream(), 4, out, stop, parent=-1)
+    # (and give this process back what the child's setup changes)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        _render(stream(), 4, out, stop, parent=-1)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        gc.unfreeze()
     with pytest.raises(queue.Empty):  # nothing was sent
         out.get(timeout=0.5)
 
@@ -137,8 +145,6 @@ def test_no_prefetch_in_a_daemonic_worker(monkeypatch):
 def test_ctrl_c_is_left_to_the_trainer():
     """The child ignores SIGINT (the terminal sends it to the whole process group): the
     trainer raises KeyboardInterrupt and closes it, and no traceback comes from the child."""
-    import signal
-
     plain, ahead = stream(), PrefetchedStream(stream(), 4)
     try:
         ahead.next_windows(4)  # the child has rendered: its handler is in place
