@@ -29,7 +29,7 @@ import signal
 import numpy as np
 
 PREFETCH_ON_CPU = False
-_DONE = "done"  # a message's tag: the child failed (its error follows)
+_FAILED = "failed"  # a message's tag: the child failed (its error follows)
 _POLL_S = 0.1  # how often a blocked side looks whether the other has gone
 
 
@@ -79,7 +79,7 @@ def _render(stream, count: int, out, stop, parent: int) -> None:
             pickle.dumps(err)
         except Exception:
             err = RuntimeError(f"{type(err).__name__}: {err}")
-        put((_DONE, err, None, None))
+        put((_FAILED, err, None, None))
     finally:
         while parent_waits():
             stop.wait(_POLL_S)
@@ -103,6 +103,7 @@ class PrefetchedStream:
         self._state = stream.state_dict()
         self._exposures = _exposures(stream)
         self.last_tensor = None
+        self._ended = None  # the empty batch that ended a finite stream, given again if asked
         ctx = multiprocessing.get_context("fork")
         self._queue = ctx.Queue(maxsize=depth)
         self._stop = ctx.Event()
@@ -129,9 +130,13 @@ class PrefetchedStream:
         if count != self.count:
             raise ValueError(f"this prefetched stream renders batches of {self.count} windows, "
                              f"asked for {count}")
+        if self._ended is not None:  # the child has nothing more to send
+            return self._ended
         tag, windows, state, exposures = self._get()
-        if tag == _DONE:
+        if tag == _FAILED:
             raise windows
+        if len(windows) == 0:
+            self._ended = windows
         tokens = torch.from_numpy(np.asarray(windows.tokens))
         tensor = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=self.pin)
         tensor.copy_(tokens)  # int32 -> int64, straight into pinned memory when pinning
