@@ -11,9 +11,8 @@ training loop, which releases it in every torch op it launches, then waits for i
 each time (up to the interpreter's switch interval). Measured on 2 cores with a loop of
 small torch ops standing in for kernel launches (bench/results/prefetch-cpu-*.md), a
 thread was at best even with rendering in line (0.73-1.05x); a process overlaps the two
-(1.04-1.84x). The
-child is forked (as torch's DataLoader workers are on Linux): it starts at once with the
-stream already in memory, touches no CUDA, and leaves if the trainer dies.
+(1.04-1.84x). The child is forked (as torch's DataLoader workers are on Linux): it starts
+at once with the stream already in memory, touches no CUDA, and leaves if the trainer dies.
 
 On a CPU the trainers keep rendering in line: the child would only take a core from the
 step (``PREFETCH_ON_CPU`` turns it on there, for the tests).
