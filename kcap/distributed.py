@@ -15,6 +15,10 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # A gloo group over the same ranks for small host-side values (all_min) when the main
+    # group is NCCL: an NCCL reduction of a value the host needs back waits for the GPU's
+    # whole queue, every step; gloo reduces host tensors without touching the GPU.
+    host_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -53,15 +57,15 @@ class Dist:
         return out
 
     def all_min(self, value: int) -> int:
-        """The smallest ``value`` over all ranks."""
+        """The smallest ``value`` over all ranks (on the host, in the gloo group: the
+        trainer asks every step, and the GPU's queue must not be waited for)."""
         if self.world == 1:
             return value
         import torch
         import torch.distributed as td
 
-        t = torch.tensor([value], dtype=torch.int64,
-                         device="cuda" if td.get_backend() == "nccl" else "cpu")
-        td.all_reduce(t, op=td.ReduceOp.MIN)
+        t = torch.tensor([value], dtype=torch.int64)
+        td.all_reduce(t, op=td.ReduceOp.MIN, group=self.host_group)
         return int(t.item())
 
     def barrier(self):
@@ -90,4 +94,6 @@ def init() -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not td.is_initialized():
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank, world, local)
+    # every rank creates it, in the same order (new_group is collective)
+    host = td.new_group(backend="gloo") if td.get_backend() == "nccl" else None
+    return Dist(rank, world, local, host)

@@ -173,3 +173,27 @@ def test_the_1000_exposure_config_can_show_the_2_bit_law():
     model = build_model(cfg.model, ds.tokenizer.vocab_size, context=cfg.window, **cfg.model_options)
     r_max = data_bits_max(ds) / parameter_report(model, ds.used_token_ids())["counted"]
     assert cfg.exposures == 1000 and r_max > 3
+
+
+def test_ddp_step_check_reduces_on_the_host_under_nccl(monkeypatch):
+    """Under NCCL (faked here: no GPUs), init() makes a gloo group and all_min reduces a
+    host tensor in it, so the per-step check never waits for the GPU's queue."""
+    import torch.distributed as td
+
+    from kcap import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    monkeypatch.setattr(td, "get_backend", lambda *group: "nccl")
+    monkeypatch.setattr(td, "new_group", lambda backend: calls.append(("new_group", backend)) or "gloo-group")
+
+    def all_reduce(t, op, group=None):
+        calls.append(("all_reduce", t.device.type, group))
+        t.fill_(3)
+    monkeypatch.setattr(td, "all_reduce", all_reduce)
+    dist = distributed.init()
+    assert (dist.rank, dist.world, dist.host_group) == (1, 2, "gloo-group")
+    assert dist.all_min(5) == 3
+    assert calls == [("new_group", "gloo"), ("all_reduce", "cpu", "gloo-group")]
