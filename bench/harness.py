@@ -228,8 +228,9 @@ def peak_memory_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
-    """A table of the rows with each one's ratio against the baseline provider."""
+def markdown(subject: str, env: dict, rows: list[dict], baseline: str, notes=()) -> str:
+    """A table of the rows with each one's ratio against the baseline provider, then the
+    autotuner's choices (rows that carry them) and ``notes`` (lines of a Notes section)."""
     base = {r["case"]: r["throughput"] for r in rows if r["provider"] == baseline}
     memory_head = " peak MiB |" if any("peak_memory_mib" in r for r in rows) else ""
     lines = [f"# {subject}", "", f"- device: {env['device']} ({env['cpu_count']} CPUs)",
@@ -259,6 +260,8 @@ def markdown(subject: str, env: dict, rows: list[dict], baseline: str) -> str:
             key = " ".join(f"{k}={v}" for k, v in t["key"].items())
             times = " · ".join(f"{c}: {ms:.4g}" for c, ms in sorted(t["ms"].items(), key=lambda x: x[1]))
             lines.append(f"| {r['case']} | {r['provider']} | {t['kernel']} | {key} | {t['chosen']} | {times} |")
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -274,14 +277,15 @@ def result_stem(subject: str, env: dict, kind: str | None = None) -> Path:
     return RESULTS / f"{subject}-{kind}-{env['date'][:10]}{tail}"
 
 
-def save(subject: str, rows: list[dict], baseline: str, env: dict | None = None) -> Path:
+def save(subject: str, rows: list[dict], baseline: str, env: dict | None = None,
+         notes=()) -> Path:
     """Write bench/results/<subject>-<device>-<date>.json and .md (result_stem); return the
-    json path."""
+    json path. ``notes``: findings drawn from the rows, listed under the table."""
     env = env or environment()
     stem = result_stem(subject, env)
     write_json(stem.with_suffix(".json"), {"subject": subject, "environment": env,
-                                           "baseline": baseline, "rows": rows})
-    text = markdown(subject, env, rows, baseline)
+                                           "baseline": baseline, "rows": rows, "notes": list(notes)})
+    text = markdown(subject, env, rows, baseline, notes)
     write_text(stem.with_suffix(".md"), text)
     print(text)
     return stem.with_suffix(".json")

@@ -87,4 +87,28 @@ def run(quick: bool = False) -> None:
                              "throughput": 2 * M * K * N / seconds / 1e12, "unit": "TFLOP/s",
                              "autotune": tuned})
     stages.finish()
-    save("quant_matmul", rows, baseline="torch matmul")
+    save("quant_matmul", rows, baseline="torch matmul", notes=crossovers(rows, Q.DEQUANT_MIN_M))
+
+
+def crossovers(rows: list[dict], threshold: int) -> list[str]:
+    """Where dequantize + cuBLAS overtakes the tiled kernel, per format and N, from the
+    eager rows at M > 16 (what DEQUANT_MIN_M, ``threshold`` here, should be placed by)."""
+    out = []
+    for fmt in ("int8", "int4 g128"):
+        for n in sorted({r["shape"][2] for r in rows}):
+            times = {}
+            for r in rows:
+                if r["shape"][2] == n and not r["case"].endswith("graph"):
+                    for kind in ("tiled", "dequant+cuBLAS"):
+                        if r["provider"] == f"kcap {fmt} {kind}":
+                            times.setdefault(r["shape"][0], {})[kind] = r["median_s"]
+            both = sorted(m for m, t in times.items() if len(t) == 2)
+            if not both:
+                continue
+            faster = [m for m in both if times[m]["dequant+cuBLAS"] < times[m]["tiled"]]
+            where = (f"from M = {faster[0]}" + ("" if faster == both[both.index(faster[0]):]
+                                                 else " (not at every larger M)")
+                     if faster else "at no M measured")
+            out.append(f"{fmt}, K = N = {n}: dequantize + cuBLAS is faster {where} (M measured: "
+                       f"{', '.join(map(str, both))}); DEQUANT_MIN_M is {threshold}")
+    return out

@@ -80,3 +80,29 @@ def test_markdown_lists_the_choices_fastest_first():
     assert "## Autotuning" in text
     assert "| c | kcap | k | T=512 | B=2 | B=2: 0.1 · B=3: 0.2 · B=1: 0.3 |" in text
     assert "## Autotuning" not in markdown("x", env, [{**row, "autotune": []}], baseline="kcap")
+
+
+def test_quant_matmul_crossover_notes():
+    """bench quant_matmul says from which M dequantize + cuBLAS beats the tiled kernel (what
+    places DEQUANT_MIN_M), and when that is not so at every larger M."""
+    from bench.quant_matmul import crossovers
+
+    def row(m, n, provider, seconds, case=""):
+        return {"case": case or f"M {m} K {n} N {n} bfloat16", "provider": provider,
+                "shape": [m, n, n], "median_s": seconds}
+    tiled = {64: 1.0, 256: 2.0, 1024: 4.0}
+    dequant = {64: 1.5, 256: 1.9, 1024: 3.0}
+    rows = [row(m, 4096, "kcap int8 tiled", t) for m, t in tiled.items()]
+    rows += [row(m, 4096, "kcap int8 dequant+cuBLAS", t) for m, t in dequant.items()]
+    rows += [row(m, 8192, "kcap int4 g128 tiled", t) for m, t in tiled.items()]
+    rows += [row(m, 8192, "kcap int4 g128 dequant+cuBLAS", t) for m, t in {64: 0.5, 256: 3.0, 1024: 3.0}.items()]
+    rows.append(row(64, 4096, "kcap int8 dequant+cuBLAS", 0.1, case="M 64 K 4096 N 4096 bfloat16 graph"))
+    assert crossovers(rows, 1024) == [
+        "int8, K = N = 4096: dequantize + cuBLAS is faster from M = 256 (M measured: 64, 256, 1024); "
+        "DEQUANT_MIN_M is 1024",
+        "int4 g128, K = N = 8192: dequantize + cuBLAS is faster from M = 64 (not at every larger M) "
+        "(M measured: 64, 256, 1024); DEQUANT_MIN_M is 1024"]
+    env = {"device": "dev", "cpu_count": 2, "python": "3", "numpy": "2", "torch": "2",
+           "triton": "3", "date": "2026-12-06", "git_commit": "abc", "command": "python -m bench x"}
+    text = markdown("x", env, [], baseline="kcap", notes=["a finding"])
+    assert text.endswith("## Notes\n\n- a finding\n")
