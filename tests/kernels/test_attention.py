@@ -257,7 +257,8 @@ def test_models_train_alike_with_either_attention(tmp_path, model):
 # only show on the shapes where it wins). Two backward candidates failed this on an H100.
 CANDIDATE_CASES = ([(2, 8, 2, 17, 90, 128, False), (1, 2, 2, 70, 70, 128, True),
                     (2, 8, 2, 17, 90, 64, False), (1, 4, 1, 130, 130, 64, True)] if CUDA else
-                   [(1, 2, 1, 70, 70, 32, True), (1, 2, 2, 33, 50, 32, False)])
+                   [(1, 2, 1, 70, 70, 32, True), (1, 2, 2, 33, 50, 32, False),
+                    (1, 1, 1, 300, 300, 32, True)])  # several 128-row blocks under the causal band
 CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
 
