@@ -193,7 +193,10 @@ def test_kernel_paths_follow_autocast(name):
 def test_every_autotune_candidate(candidate):
     """Each GEMM candidate alone, trials (KCAP_TRIAL_CANDIDATES) included: autotuning would
     only expose a wrong one where it wins."""
-    shapes = [(130, 96, 200, 72), (300, 256, 520, 200)] if CUDA else [(37, 48, 100, 40)]
+    # on CPU too, a shape past 128 in every dimension: the 128-row / 128-column tiles of the
+    # larger candidates and trials each meet a full tile and a tail
+    shapes = [(130, 96, 200, 72), (300, 256, 520, 200)] if CUDA else [(37, 48, 100, 40),
+                                                                       (150, 72, 140, 136)]
     with pinned((G._epilogue_gemm, candidate)):
         for shape in shapes:
             for kind, bias in (("gated", True), ("gelu", True)):
