@@ -28,6 +28,8 @@ import signal
 
 import numpy as np
 
+from kcap.run_setup import stream_exposures
+
 PREFETCH_ON_CPU = False
 _FAILED = "failed"  # a message's tag: the child failed (its error follows)
 _POLL_S = 0.1  # how often a blocked side looks whether the other has gone
@@ -37,11 +39,6 @@ def use_prefetch(device) -> bool:
     """Whether the trainers render ahead: on a GPU (or when forced), unless this process is
     a daemonic multiprocessing worker (a Pool's), which may not start children."""
     return (device.type == "cuda" or PREFETCH_ON_CPU) and not multiprocessing.current_process().daemon
-
-
-def _exposures(stream) -> float:
-    """Exposures per person done so far (the useful stream's, for a mixture)."""
-    return getattr(stream, "useful", stream).exposures_done
 
 
 def _render(stream, count: int, out, stop, parent: int) -> None:
@@ -70,7 +67,7 @@ def _render(stream, count: int, out, stop, parent: int) -> None:
     try:
         while True:
             windows = stream.next_windows(count)
-            if not put(("windows", windows, stream.state_dict(), _exposures(stream))):
+            if not put(("windows", windows, stream.state_dict(), stream_exposures(stream))):
                 break
             if len(windows) == 0:  # a finite stream has ended: nothing more to render
                 break
@@ -101,7 +98,7 @@ class PrefetchedStream:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         self.stream, self.count, self.pin = stream, count, pin
         self._state = stream.state_dict()
-        self._exposures = _exposures(stream)
+        self._exposures = stream_exposures(stream)
         self.last_tensor = None
         self._ended = None  # the empty batch that ended a finite stream, given again if asked
         ctx = multiprocessing.get_context("fork")

@@ -28,6 +28,7 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1, labels: bool = F
     """(dataset, training stream, useful fraction of windows) of a config."""
     from kcap.data.biod import BioD, BioDConfig
     from kcap.data.bios import BioS, BioSConfig
+    from kcap.data.qa_mixed import trained_data
     from kcap.data.stream import ExposureStream, MixtureStream
 
     d = cfg.data
@@ -41,11 +42,8 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1, labels: bool = F
         ds = BioR.load(d.bior, n=d.n, seed=d.seed)
     else:
         raise ValueError(f"data.kind must be bioS, bioD or bioR, got {d.kind!r}")
-    trained = ds
-    if d.qa_fraction:  # the QA-half's pairs follow their biographies (Part 3.1's mixed training)
-        from kcap.data.qa_mixed import QAMixed
-
-        trained = QAMixed(ds, d.qa_fraction, d.seed)
+    # with qa_fraction, the QA-half's pairs follow their biographies (Part 3.1's mixed training)
+    trained = trained_data(ds, d.qa_fraction, d.seed)
     useful = ExposureStream(trained, cfg.exposures, cfg.window + 1, d.seed, rank, world, labels)
     if not d.junk_n:
         return ds, useful, 1.0

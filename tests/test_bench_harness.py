@@ -11,6 +11,9 @@ import triton.language as tl
 from bench.harness import autotune_choices, markdown
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# what a result file's header needs (bench.harness.environment's keys)
+ENV = {"device": "dev", "cpu_count": 2, "python": "3", "numpy": "2", "torch": "2", "triton": "3",
+       "date": "2026-12-06", "git_commit": "abc", "command": "python -m bench x"}
 
 
 def _kernel():
@@ -71,15 +74,13 @@ def test_a_step_that_fails_still_restores_the_kernel():
 
 
 def test_markdown_lists_the_choices_fastest_first():
-    env = {"device": "dev", "cpu_count": 2, "python": "3", "numpy": "2", "torch": "2",
-           "triton": "3", "date": "2026-12-06", "git_commit": "abc", "command": "python -m bench x"}
     row = {"case": "c", "provider": "kcap", "median_s": 1e-3, "throughput": 1.0, "unit": "x/s",
            "autotune": [{"kernel": "k", "key": {"T": 512}, "chosen": "B=2",
                          "ms": {"B=1": 0.3, "B=2": 0.1, "B=3": 0.2}}]}
-    text = markdown("x", env, [row], baseline="kcap")
+    text = markdown("x", ENV, [row], baseline="kcap")
     assert "## Autotuning" in text
     assert "| c | kcap | k | T=512 | B=2 | B=2: 0.1 · B=3: 0.2 · B=1: 0.3 |" in text
-    assert "## Autotuning" not in markdown("x", env, [{**row, "autotune": []}], baseline="kcap")
+    assert "## Autotuning" not in markdown("x", ENV, [{**row, "autotune": []}], baseline="kcap")
 
 
 def test_quant_matmul_crossover_notes():
@@ -102,7 +103,5 @@ def test_quant_matmul_crossover_notes():
         "DEQUANT_MIN_M is 1024",
         "int4 g128, K = N = 8192: dequantize + cuBLAS is faster from M = 64 (not at every larger M) "
         "(M measured: 64, 256, 1024); DEQUANT_MIN_M is 1024"]
-    env = {"device": "dev", "cpu_count": 2, "python": "3", "numpy": "2", "torch": "2",
-           "triton": "3", "date": "2026-12-06", "git_commit": "abc", "command": "python -m bench x"}
-    text = markdown("x", env, [], baseline="kcap", notes=["a finding"])
+    text = markdown("x", ENV, [], baseline="kcap", notes=["a finding"])
     assert text.endswith("## Notes\n\n- a finding\n")

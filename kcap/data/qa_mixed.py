@@ -25,6 +25,12 @@ from kcap.data.tokenizer import EOS_ID
 _BLOCK_PEOPLE = 4096  # QA blocks are built for this many people at a time
 
 
+def trained_data(dataset, fraction: float, seed: int):
+    """What training renders for a data set and ``data.qa_fraction``: the data set itself,
+    or a QAMixed of it when some people's QA pairs are mixed in."""
+    return QAMixed(dataset, fraction, seed) if fraction else dataset
+
+
 class QAMixed:
     """A bioS/bioR data set whose mixed people's biographies are followed by their QA block.
 

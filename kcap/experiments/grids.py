@@ -106,13 +106,13 @@ def _used_tokens(kind: str, n: int, variant: str, marker: bool, qa_fraction: flo
     blocks included when some people's QA pairs are mixed in; 0 for other kinds. Exact up
     to 50,000 people (the seed picks which names and values occur)."""
     from kcap.data.bios import BioS, BioSConfig
-    from kcap.data.qa_mixed import QAMixed
+    from kcap.data.qa_mixed import trained_data
 
     if kind != "bioS":
         return 0
     # beyond ~50K people every name part and value is in use: the count stops growing
     ds = BioS(BioSConfig(n=min(n, 50_000), seed=seed, variant=variant, marker=marker))
-    return len((QAMixed(ds, qa_fraction, seed) if qa_fraction else ds).used_token_ids())
+    return len(trained_data(ds, qa_fraction, seed).used_token_ids())
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,10 +121,10 @@ def _bior_facts(folder: str, n: int, seed: int, qa_fraction: float = 0.0) -> tup
     include the QA blocks of a run that mixes them in."""
     from kcap.capacity import data_bits_max
     from kcap.data.bior import BioR, read_meta
-    from kcap.data.qa_mixed import QAMixed
+    from kcap.data.qa_mixed import trained_data
 
     ds, meta = BioR.load(folder, n=n, seed=seed), read_meta(folder)
-    used = (QAMixed(ds, qa_fraction, seed) if qa_fraction else ds).used_token_ids()
+    used = trained_data(ds, qa_fraction, seed).used_token_ids()
     return data_bits_max(ds), len(used), meta["tokens"] / meta["records"]
 
 
