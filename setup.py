@@ -77,7 +77,8 @@ class BuildExt(build_ext):
 
 
 ext_modules = [
-    Pybind11Extension("kcap._router_cpu", ["csrc/router_cpu.cpp"], cxx_std=17,
+    Pybind11Extension("kcap._router_cpu", ["csrc/router_cpu.cpp"], depends=["csrc/arg_errors.h"],
+                      cxx_std=17,
                       extra_compile_args=["-O3", *openmp], extra_link_args=openmp),
 ]
 if find_nvcc():

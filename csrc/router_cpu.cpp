@@ -22,6 +22,9 @@
 #include <string>
 #include <vector>
 
+#define KCAP_WHO "kcap._router_cpu.route: "
+#include "arg_errors.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #include <unistd.h>
@@ -43,23 +46,6 @@ constexpr int64_t kMaxThreads = 256;
 // loaded this module is such a child, so it routes serially (if(false): no pool is used).
 pid_t loaded_in = 0;
 #endif
-
-const std::string kWho = "kcap._router_cpu.route: ";
-
-[[noreturn]] void bad_value(const std::string& msg) { throw py::value_error(kWho + msg); }
-[[noreturn]] void bad_type(const std::string& msg) { throw py::type_error(kWho + msg); }
-
-int64_t mul(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) bad_value("sizes overflow int64 (T, E, k or block too large)");
-  return r;
-}
-
-int64_t add(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) bad_value("sizes overflow int64 (T, E, k or block too large)");
-  return r;
-}
 
 // An element type: the buffer-protocol (struct module) codes accepted for it and its size.
 struct Kind {

@@ -25,6 +25,9 @@
 #include <utility>
 #include <vector>
 
+#define KCAP_WHO "kcap._router_cuda.route_cuda: "
+#include "arg_errors.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -230,23 +233,6 @@ int launch(int dtype, int64_t T, int64_t E, int64_t k, int64_t capacity, int64_t
 }
 
 // ---- Argument checks: a bad call is a TypeError or ValueError, never a launch. ----
-
-const std::string kWho = "kcap._router_cuda.route_cuda: ";
-
-[[noreturn]] void bad_value(const std::string& msg) { throw py::value_error(kWho + msg); }
-[[noreturn]] void bad_type(const std::string& msg) { throw py::type_error(kWho + msg); }
-
-int64_t mul(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) bad_value("sizes overflow int64 (T, E, k or block too large)");
-  return r;
-}
-
-int64_t add(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) bad_value("sizes overflow int64 (T, E, k or block too large)");
-  return r;
-}
 
 // An element type: the __cuda_array_interface__ typestrs accepted for it (space-separated).
 struct Kind {
